@@ -1,0 +1,207 @@
+"""The DEQ layer: solve for z* = f(z*), then attach gradients as the backward mode says."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .backward import Attached, get_backward, unroll
+from .jacobian import jac_loss_estimate, spectral_radius
+from .scope import forward_scope
+from .solvers import autocast_state, check_solver_options, flat_fn, get_solver, run_flat
+from .state import State, StateSpec
+from .stats import DEQStats
+
+_OVERRIDABLE = (
+    "solver",
+    "solver_opts",
+    "eval_solver_opts",
+    "backward",
+    "backward_opts",
+    "compute_jac_loss",
+    "compute_spectral_radius",
+)
+
+
+def record_steps(max_iter: int, n_states: int) -> list[int]:
+    """Iterations at which to keep intermediate states: ``n_states - 1`` evenly spaced ones."""
+    return sorted(
+        {min(max(1, (max_iter * i) // n_states), max_iter - 1) for i in range(1, n_states)}
+    )
+
+
+class DEQ(nn.Module):
+    """A deep equilibrium layer: ``deq(f, z0) -> (z*, stats)``.
+
+    ``f`` maps a state (a tensor, or a tuple/list of tensors, batch first) to a state of the same
+    structure; it is usually a closure over the input injection. The solve runs without a graph;
+    gradients then reach f's parameters (and whatever f closes over) as ``backward`` says:
+    ``implicit`` (default), ``phantom``, ``one_step`` or ``unrolled`` (see :mod:`.backward`).
+
+    ``solver_opts`` are the forward solver's options (``max_iter``, ``tol``, ``stop_mode`` and the
+    solver's own, e.g. Anderson's ``m``); ``eval_solver_opts`` are laid over them in eval mode (the
+    thesis raises the budget at test time). Unknown keys and impossible values raise at once.
+    Set ``compute_jac_loss`` / ``compute_spectral_radius`` (usually through :meth:`override`) to get
+    ``stats.jac_loss`` (differentiable) and ``stats.spectral_radius`` at the equilibrium.
+    """
+
+    def __init__(
+        self,
+        solver: str = "anderson",
+        backward: str = "implicit",
+        solver_opts: dict | None = None,
+        backward_opts: dict | None = None,
+        eval_solver_opts: dict | None = None,
+        jac_samples: int = 1,
+        spectral_radius_iters: int = 50,
+    ) -> None:
+        super().__init__()
+        self.solver = solver
+        self.solver_opts = dict(solver_opts or {})
+        self.eval_solver_opts = dict(eval_solver_opts or {})
+        self.backward = backward
+        self.backward_opts = dict(backward_opts or {})
+        self.jac_samples = jac_samples
+        self.spectral_radius_iters = spectral_radius_iters
+        self.compute_jac_loss = False
+        self.compute_spectral_radius = False
+        self.check()
+
+    def check(self) -> None:
+        """Validate the configuration; raises ``ValueError`` naming the offending key."""
+        get_solver(self.solver)
+        check_solver_options(self.solver, self.solver_opts)
+        try:
+            check_solver_options(self.solver, {**self.solver_opts, **self.eval_solver_opts})
+        except ValueError as e:
+            raise ValueError(f"eval_solver_opts: {e}") from None
+        get_backward(self.backward).check(self.backward_opts)
+
+    def extra_repr(self) -> str:
+        return (
+            f"solver={self.solver!r}, solver_opts={self.solver_opts}, backward={self.backward!r}, "
+            f"backward_opts={self.backward_opts}, eval_solver_opts={self.eval_solver_opts}"
+        )
+
+    def active_solver_opts(self) -> dict:
+        """The solver options in force now (eval ones laid over in eval mode), with defaults."""
+        opts = self.solver_opts if self.training else {**self.solver_opts, **self.eval_solver_opts}
+        return check_solver_options(self.solver, opts)
+
+    @contextmanager
+    def override(self, **changes: object) -> Iterator[DEQ]:
+        """Temporarily change settings (pre-training, a jittered budget, Jacobian terms).
+
+        Dict settings are merged into the current ones, except that a new ``backward``/``solver``
+        starts from that mode's/solver's defaults unless its options are given too.
+        """
+        unknown = sorted(set(changes) - set(_OVERRIDABLE))
+        if unknown:
+            raise ValueError(f"cannot override {unknown}; overridable: {', '.join(_OVERRIDABLE)}")
+        saved = {k: getattr(self, k) for k in _OVERRIDABLE}
+        for key, value in changes.items():
+            if key in ("solver_opts", "eval_solver_opts", "backward_opts"):
+                base_key = {
+                    "solver_opts": "solver",
+                    "eval_solver_opts": "solver",
+                    "backward_opts": "backward",
+                }[key]
+                switched = base_key in changes and changes[base_key] != saved[base_key]
+                value = dict(value) if switched else {**saved[key], **value}
+            setattr(self, key, value)
+        for opts_key, base_key in (("backward_opts", "backward"), ("solver_opts", "solver")):
+            if (
+                base_key in changes
+                and changes[base_key] != saved[base_key]
+                and opts_key not in changes
+            ):
+                setattr(self, opts_key, {})
+                if base_key == "solver":
+                    self.eval_solver_opts = {
+                        k: v
+                        for k, v in saved["eval_solver_opts"].items()
+                        if k in ("max_iter", "tol", "stop_mode")
+                    }
+        try:
+            self.check()
+            yield self
+        finally:
+            for k, v in saved.items():
+                setattr(self, k, v)
+
+    def forward(self, f: Callable[[State], State], z0: State) -> tuple[State, DEQStats]:
+        states, stats = self._run(f, z0, n_states=1)
+        return states[-1], stats
+
+    def trajectory(
+        self, f: Callable[[State], State], z0: State, n_states: int
+    ) -> tuple[list[State], DEQStats]:
+        """``n_states`` states along the solve, each with gradient attached, the last one z*.
+
+        The intermediate states are taken at evenly spaced iterations of the budget (or are z*
+        when the solve stopped before); DEQ-Flow supervises all of them (fixed-point correction).
+        """
+        if n_states < 1:
+            raise ValueError(f"n_states must be >= 1, got {n_states}")
+        return self._run(f, z0, n_states)
+
+    def _run(
+        self, f: Callable[[State], State], z0: State, n_states: int
+    ) -> tuple[list[State], DEQStats]:
+        spec = StateSpec.of(z0)
+        x0 = spec.flatten(z0)
+        mode = get_backward(self.backward)
+        bopts = mode.check(self.backward_opts)
+        sopts = self.active_solver_opts()
+        with forward_scope():
+            g = flat_fn(f, spec, autocast_state(x0.device), x0.device)
+            if mode.solves:
+                res = run_flat(self.solver, g, x0, sopts, record_steps(sopts["max_iter"], n_states))
+                stats = DEQStats(forward=res.stats, mode=self.backward)
+                starts = res.states + [res.z] * (n_states - len(res.states))
+                outs = [mode.attach(g, s, bopts, stats) for s in starts]
+            else:
+                states, fwd = unroll(
+                    g,
+                    x0,
+                    bopts["steps"],
+                    record_steps(bopts["steps"], n_states),
+                    sopts["tol"],
+                    sopts["stop_mode"],
+                )
+                states += states[-1:] * (n_states - len(states))
+                stats = DEQStats(forward=fwd, mode=self.backward)
+                outs = [Attached(s) for s in states]
+            self._jacobian_terms(g, outs[-1], stats)
+        return [spec.unflatten(o.z) for o in outs], stats
+
+    def _jacobian_terms(
+        self, g: Callable[[Tensor], Tensor], out: Attached, stats: DEQStats
+    ) -> None:
+        want_jac = self.compute_jac_loss and torch.is_grad_enabled()
+        if not (want_jac or self.compute_spectral_radius):
+            return
+        if out.fz is not None:
+            fz, z_in = out.fz, out.z_in
+        else:
+            with torch.enable_grad():
+                z_in = out.z.detach().requires_grad_()
+                fz = g(z_in)
+        if want_jac:
+            stats.jac_loss = jac_loss_estimate(fz, z_in, samples=self.jac_samples)
+        if self.compute_spectral_radius:
+            with torch.enable_grad():
+                stats.spectral_radius = spectral_radius(fz, z_in, self.spectral_radius_iters)
+
+
+@contextmanager
+def deq_override(module: nn.Module, **changes: object) -> Iterator[list[DEQ]]:
+    """:meth:`DEQ.override` applied to every DEQ inside ``module`` (a task's model)."""
+    deqs = [m for m in module.modules() if isinstance(m, DEQ)]
+    with ExitStack() as stack:
+        for d in deqs:
+            stack.enter_context(d.override(**changes))
+        yield deqs

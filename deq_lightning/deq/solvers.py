@@ -1,0 +1,470 @@
+"""Batched fixed-point solvers for z = f(z): plain iteration, Anderson acceleration, Broyden.
+
+All solvers share one contract, so that they can be swapped by name from a config:
+
+* they work on a flat ``(batch, dim)`` state (see :mod:`.state`) and never build an autograd graph;
+* every sample has its own residual and stops on its own: a converged sample is frozen while the
+  rest of the batch keeps iterating, and a sample whose residual turns NaN/Inf or grows by
+  ``diverge_factor`` is frozen at its best iterate and flagged, so one bad sample
+  neither raises nor spoils the others;
+* they return the lowest-residual iterate of each sample, never merely the last one;
+* a sample is flagged as diverged once its absolute residual exceeds ``diverge_factor`` times its
+  initial one (transient spikes of Anderson and Broyden below that are normal and not flagged);
+* solver memory grows with the steps actually taken (or a fixed history), never with ``max_iter``.
+
+``max_iter`` counts function evaluations. ``stats.nstep[b]`` is the number of evaluations after
+which sample ``b``'s returned iterate had its residual measured.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .state import State, StateSpec
+from .stats import SolverStats, Status
+
+FlatFn = Callable[[Tensor], Tensor]
+SolverFn = Callable[..., "FlatResult"]
+
+STOP_MODES = ("abs", "rel")
+_SOLVERS: dict[str, SolverFn] = {}
+# Options every solver takes; solver-specific ones are read from each function's signature.
+COMMON_DEFAULTS = {"max_iter": 50, "tol": 1e-3, "stop_mode": "rel", "diverge_factor": 1e3}
+
+
+class FlatResult(NamedTuple):
+    z: Tensor
+    stats: SolverStats
+    states: list[Tensor]
+
+
+def register_solver(name: str) -> Callable[[SolverFn], SolverFn]:
+    """Register a solver under ``name`` (used by configs: ``solver=name``)."""
+
+    def deco(fn: SolverFn) -> SolverFn:
+        if name in _SOLVERS:
+            raise ValueError(f"a solver named '{name}' is already registered")
+        _SOLVERS[name] = fn
+        return fn
+
+    return deco
+
+
+def list_solvers() -> list[str]:
+    return sorted(_SOLVERS)
+
+
+def get_solver(name: str) -> SolverFn:
+    try:
+        return _SOLVERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown solver '{name}'; known solvers: {', '.join(list_solvers())}"
+        ) from None
+
+
+def solver_options(name: str) -> dict[str, object]:
+    """All options ``name`` accepts with their defaults (common ones first)."""
+    params = inspect.signature(get_solver(name)).parameters
+    specific = {
+        k: p.default
+        for k, p in params.items()
+        if p.kind is p.KEYWORD_ONLY and k not in COMMON_DEFAULTS and k != "record"
+    }
+    return {**COMMON_DEFAULTS, **specific}
+
+
+def check_solver_options(name: str, opts: dict) -> dict:
+    """Reject unknown keys and impossible values with the key's name; return opts with defaults."""
+    known = solver_options(name)
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for solver '{name}'; it accepts: {', '.join(known)}"
+        )
+    full = {**known, **opts}
+    _check_int(full, "max_iter", minimum=1)
+    _check_pos(full, "tol")
+    if full["stop_mode"] not in STOP_MODES:
+        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {full['stop_mode']!r}")
+    if not float(full["diverge_factor"]) > 1:
+        raise ValueError(f"diverge_factor must be > 1, got {full['diverge_factor']!r}")
+    for key, check in _SPECIFIC_CHECKS.get(name, {}).items():
+        check(full, key)
+    return full
+
+
+def _check_int(opts: dict, key: str, minimum: int) -> None:
+    v = opts[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {v!r}")
+
+
+def _check_pos(opts: dict, key: str) -> None:
+    v = opts[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise ValueError(f"{key} must be a number > 0, got {v!r}")
+
+
+def _check_range(lo: float, hi: float, lo_open: bool = False) -> Callable[[dict, str], None]:
+    def check(opts: dict, key: str) -> None:
+        v = opts[key]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = ok and (lo < v if lo_open else lo <= v) and v <= hi
+        bracket = "(" if lo_open else "["
+        if not ok:
+            raise ValueError(f"{key} must be in {bracket}{lo}, {hi}], got {v!r}")
+
+    return check
+
+
+def _check_memory(opts: dict, key: str) -> None:
+    if opts[key] is not None:
+        _check_int(opts, key, minimum=1)
+
+
+_SPECIFIC_CHECKS: dict[str, dict[str, Callable[[dict, str], None]]] = {
+    "fixed_point": {"damping": _check_range(0.0, 0.99)},
+    "anderson": {
+        "m": lambda o, k: _check_int(o, k, 1),
+        "lam": _check_range(0.0, 1e6),
+        "beta": _check_range(0.0, 2.0, lo_open=True),
+    },
+    "broyden": {"memory": _check_memory},
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared bookkeeping
+# ----------------------------------------------------------------------------------------------
+
+
+class _Monitor:
+    """Per-sample residuals, best iterate, freezing and status; shared by every solver."""
+
+    def __init__(self, x0: Tensor, tol: float, stop_mode: str, diverge_factor: float) -> None:
+        b = x0.shape[0]
+        self.tol, self.stop_mode, self.diverge_factor = tol, stop_mode, diverge_factor
+        self.best_x = x0.clone()
+        inf = torch.full((b,), math.inf, device=x0.device, dtype=x0.dtype)
+        self.best_abs, self.best_rel, self.best_res = inf.clone(), inf.clone(), inf.clone()
+        self.best_step = torch.zeros(b, dtype=torch.long, device=x0.device)
+        self.status = torch.full((b,), int(Status.MAX_ITER), dtype=torch.long, device=x0.device)
+        self.active = torch.ones(b, dtype=torch.bool, device=x0.device)
+        self.abs_trace: list[Tensor] = []
+        self.rel_trace: list[Tensor] = []
+
+    def observe(self, k: int, x: Tensor, fx: Tensor) -> bool:
+        """Record the residual of iterate ``k``; return whether any sample is still active."""
+        gx = fx - x
+        abs_res = gx.norm(dim=1)
+        rel_res = abs_res / (fx.norm(dim=1) + 1e-9)
+        self.abs_trace.append(abs_res)
+        self.rel_trace.append(rel_res)
+        res = rel_res if self.stop_mode == "rel" else abs_res
+        finite = torch.isfinite(abs_res) & torch.isfinite(rel_res)
+        improved = self.active & finite & (res < self.best_res)
+        self.best_x = torch.where(improved[:, None], x, self.best_x)
+        self.best_abs = torch.where(improved, abs_res, self.best_abs)
+        self.best_rel = torch.where(improved, rel_res, self.best_rel)
+        self.best_res = torch.where(improved, res, self.best_res)
+        self.best_step = torch.where(improved, k + 1, self.best_step)
+        converged = self.active & finite & (res < self.tol)
+        nonfinite = self.active & ~finite
+        if k == 0:
+            self.first_abs = torch.where(finite, abs_res, torch.inf)
+        # Divergence is judged on the absolute residual: the relative one stays bounded (-> ~1)
+        # while the iterates run off to infinity.
+        diverged = self.active & finite & (abs_res > self.diverge_factor * self.first_abs)
+        for mask, status in (
+            (converged, Status.CONVERGED),
+            (nonfinite, Status.NONFINITE),
+            (diverged, Status.DIVERGED),
+        ):
+            self.status = torch.where(mask, int(status), self.status)
+        self.active = self.active & ~(converged | nonfinite | diverged)
+        return bool(self.active.any())
+
+    def hold(self, proposal: Tensor) -> Tensor:
+        """Next iterate: the proposal for active samples, the best iterate for frozen ones."""
+        return torch.where(self.active[:, None], proposal, self.best_x)
+
+    def result(
+        self, name: str, max_iter: int, nfe: int, states: list[Tensor], fallbacks: int = 0
+    ) -> FlatResult:
+        stats = SolverStats(
+            solver=name,
+            stop_mode=self.stop_mode,
+            tol=self.tol,
+            max_iter=max_iter,
+            nstep=self.best_step,
+            abs_res=self.best_abs,
+            rel_res=self.best_rel,
+            status=self.status,
+            abs_trace=torch.stack(self.abs_trace),
+            rel_trace=torch.stack(self.rel_trace),
+            nfe=nfe,
+            fallbacks=fallbacks,
+        )
+        return FlatResult(self.best_x, stats, states)
+
+
+class _Recorder:
+    """Copies of the iterate at chosen steps (for fixed-point correction)."""
+
+    def __init__(self, steps: Sequence[int] | None) -> None:
+        self.steps = set(steps or ())
+        self.states: list[Tensor] = []
+
+    def __call__(self, k: int, x: Tensor) -> None:
+        if k in self.steps:
+            self.states.append(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Solvers
+# ----------------------------------------------------------------------------------------------
+
+
+@register_solver("fixed_point")
+def fixed_point(
+    f: FlatFn,
+    x0: Tensor,
+    *,
+    max_iter: int,
+    tol: float,
+    stop_mode: str,
+    diverge_factor: float,
+    record: Sequence[int] | None = None,
+    damping: float = 0.0,
+) -> FlatResult:
+    """Picard iteration ``x <- (1 - damping) f(x) + damping x``."""
+    mon, rec = _Monitor(x0, tol, stop_mode, diverge_factor), _Recorder(record)
+    x = x0
+    for k in range(max_iter):
+        rec(k, x)
+        fx = f(x)
+        if not mon.observe(k, x, fx):
+            break
+        step = fx if damping == 0 else torch.lerp(fx, x, damping)
+        x = mon.hold(step)
+    return mon.result("fixed_point", max_iter, k + 1, rec.states)
+
+
+@register_solver("anderson")
+def anderson(
+    f: FlatFn,
+    x0: Tensor,
+    *,
+    max_iter: int,
+    tol: float,
+    stop_mode: str,
+    diverge_factor: float,
+    record: Sequence[int] | None = None,
+    m: int = 5,
+    lam: float = 1e-4,
+    beta: float = 1.0,
+) -> FlatResult:
+    """Anderson acceleration with a history of ``m`` and mixing ``beta``.
+
+    Each step picks weights ``alpha`` (summing to 1) that minimise ``||sum_i alpha_i g_i||`` over
+    the last ``m`` residuals ``g_i = f(x_i) - x_i``, with a ridge ``lam * mean_i ||g_i||^2``. The
+    ridge is *relative* to the residuals: an absolute ridge (1e-4 in locuslab/deq and torchdeq)
+    dominates the Gram matrix once residuals are small and stalls the solve near the tolerance.
+    A singular or non-finite system falls back, for that sample only, to a damped Picard step.
+    """
+    b, d = x0.shape
+    mon, rec = _Monitor(x0, tol, stop_mode, diverge_factor), _Recorder(record)
+    xs = x0.new_zeros(b, m, d)  # iterates x_i
+    gs = x0.new_zeros(b, m, d)  # residuals g_i
+    gram = x0.new_zeros(b, m, m, dtype=torch.float64)
+    eye = torch.eye(m, dtype=torch.float64, device=x0.device)
+    fallbacks, x = 0, x0
+    for k in range(max_iter):
+        rec(k, x)
+        fx = f(x)
+        if not mon.observe(k, x, fx):
+            break
+        slot, n = k % m, min(k + 1, m)
+        xs[:, slot] = x
+        gs[:, slot] = fx - x
+        row = torch.bmm(gs[:, :n], gs[:, slot, :, None]).squeeze(2).double()
+        gram[:, slot, :n] = row
+        gram[:, :n, slot] = row
+        h = gram[:, :n, :n]
+        scale = torch.diagonal(h, dim1=1, dim2=2).mean(1).clamp_min(1e-30)
+        h = h + (lam * scale)[:, None, None] * eye[:n, :n]
+        sol, info = torch.linalg.solve_ex(h, torch.ones_like(h[:, :, :1]))
+        alpha = sol.squeeze(2) / sol.sum(1)
+        bad = (info != 0) | ~torch.isfinite(alpha).all(1) | (sol.sum(1).squeeze(1).abs() < 1e-30)
+        if bool(bad.any()):
+            fallbacks += int(bad.sum())
+            alpha = torch.where(
+                bad[:, None],
+                torch.nn.functional.one_hot(torch.tensor(slot, device=x0.device), n).to(alpha),
+                alpha,
+            )
+        alpha = alpha.to(x0.dtype)[:, None]
+        mixed = torch.bmm(alpha, xs[:, :n] + beta * gs[:, :n]).squeeze(1)
+        x = mon.hold(mixed)
+    return mon.result("anderson", max_iter, k + 1, rec.states, fallbacks)
+
+
+class _LowRank:
+    """The Broyden inverse-Jacobian estimate ``-I + U V^T``, stored as rows that grow with use.
+
+    Capacity grows in chunks as updates arrive, so memory follows the steps actually taken. With
+    ``memory`` set, the estimate restarts from ``-I`` once ``memory`` updates are stored (restarted
+    Broyden); dropping only the oldest update instead breaks the secant conditions the newer
+    updates were built on and diverges on ill-conditioned maps.
+    """
+
+    CHUNK = 8
+
+    def __init__(self, like: Tensor, memory: int | None) -> None:
+        self.memory = memory
+        self.us = like.new_zeros(like.shape[0], 0, like.shape[1])
+        self.vs = like.new_zeros(like.shape[0], 0, like.shape[1])
+        self.n = 0
+
+    def matvec(self, x: Tensor) -> Tensor:
+        """``(-I + U V^T) x``."""
+        if self.n == 0:
+            return -x
+        vx = torch.bmm(self.vs[:, : self.n], x[:, :, None])
+        return -x + torch.bmm(self.us[:, : self.n].transpose(1, 2), vx).squeeze(2)
+
+    def rmatvec(self, x: Tensor) -> Tensor:
+        """``x^T (-I + U V^T)``."""
+        if self.n == 0:
+            return -x
+        xu = torch.bmm(x[:, None], self.us[:, : self.n].transpose(1, 2))
+        return -x + torch.bmm(xu, self.vs[:, : self.n]).squeeze(1)
+
+    def append(self, u: Tensor, v: Tensor) -> None:
+        if self.memory is not None and self.n >= self.memory:
+            self.n = 0
+        cap = self.us.shape[1]
+        if self.n >= cap:
+            grow = self.CHUNK if self.memory is None else min(self.CHUNK, self.memory - cap)
+            pad = self.us.new_zeros(self.us.shape[0], grow, self.us.shape[2])
+            self.us = torch.cat([self.us, pad], 1)
+            self.vs = torch.cat([self.vs, pad], 1)
+        self.us[:, self.n] = u
+        self.vs[:, self.n] = v
+        self.n += 1
+
+
+@register_solver("broyden")
+def broyden(
+    f: FlatFn,
+    x0: Tensor,
+    *,
+    max_iter: int,
+    tol: float,
+    stop_mode: str,
+    diverge_factor: float,
+    record: Sequence[int] | None = None,
+    memory: int | None = None,
+) -> FlatResult:
+    """Broyden's ("good") method on g(x) = f(x) - x, with a low-rank inverse Jacobian.
+
+    ``memory`` caps the number of rank-one updates kept (the estimate restarts when it is full);
+    ``None`` keeps all of them, which still costs only the steps actually taken.
+    """
+    mon, rec = _Monitor(x0, tol, stop_mode, diverge_factor), _Recorder(record)
+    inv = _LowRank(x0, memory)
+    x = x0
+    rec(0, x)
+    gx = f(x) - x
+    if not mon.observe(0, x, gx + x):
+        return mon.result("broyden", max_iter, 1, rec.states)
+    update = gx
+    nfe = 1
+    for k in range(1, max_iter):
+        x_new = mon.hold(x + update)
+        dx = x_new - x
+        x = x_new
+        rec(k, x)
+        fx = f(x)
+        nfe += 1
+        gx_new = fx - x
+        if not mon.observe(k, x, fx):
+            break
+        dg = gx_new - gx
+        vt = inv.rmatvec(dx)
+        denom = (vt * dg).sum(1, keepdim=True)
+        u = (dx - inv.matvec(dg)) / denom
+        ok = torch.isfinite(u).all(1, keepdim=True) & (denom.abs() > 1e-30) & mon.active[:, None]
+        inv.append(torch.where(ok, u, 0.0), torch.where(ok, vt, 0.0))
+        update = -inv.matvec(gx_new)
+        gx = gx_new
+    return mon.result("broyden", max_iter, nfe, rec.states)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def autocast_state(device: torch.device) -> tuple[bool, torch.dtype]:
+    return torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+
+
+def flat_fn(
+    f: Callable[[State], State],
+    spec: StateSpec,
+    autocast: tuple[bool, torch.dtype],
+    device: torch.device,
+) -> FlatFn:
+    """Wrap a structured f as a flat one, run under the caller's autocast (the solver is not)."""
+    enabled, dtype = autocast
+
+    def g(x: Tensor) -> Tensor:
+        ctx = torch.autocast(device.type, dtype=dtype) if enabled else nullcontext()
+        with ctx:
+            return spec.flatten(f(spec.unflatten(x)))
+
+    return g
+
+
+def run_flat(
+    name: str,
+    f: FlatFn,
+    x0: Tensor,
+    opts: dict,
+    record: Sequence[int] | None = None,
+) -> FlatResult:
+    """Run a registered solver on a flat state, validated, with no graph and no autocast."""
+    full = check_solver_options(name, opts)
+    with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
+        return get_solver(name)(f, x0.detach(), record=record, **full)
+
+
+def solve(
+    f: Callable[[State], State],
+    z0: State,
+    solver: str = "anderson",
+    max_iter: int = COMMON_DEFAULTS["max_iter"],
+    tol: float = COMMON_DEFAULTS["tol"],
+    stop_mode: str = COMMON_DEFAULTS["stop_mode"],
+    **solver_opts: object,
+) -> tuple[State, SolverStats]:
+    """Find z = f(z) from z0 without autograd; return the best iterate and its stats.
+
+    ``z0`` is a tensor or a tuple/list of tensors (batch first); f maps it to the same structure.
+    Half-precision states are solved in float32 and returned in their own dtypes.
+    """
+    spec = StateSpec.of(z0)
+    x0 = spec.flatten(z0).detach()
+    g = flat_fn(f, spec, autocast_state(x0.device), x0.device)
+    opts = dict(solver_opts, max_iter=max_iter, tol=tol, stop_mode=stop_mode)
+    res = run_flat(solver, g, x0, opts)
+    return spec.unflatten(res.z, cast=True), res.stats
