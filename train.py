@@ -1,37 +1,23 @@
-"""Short DEQ demo until the Hydra application lands: a DEQ-MLP on scikit-learn's digits."""
+"""Train a DEQ task.
 
-import torch
-from sklearn.datasets import load_digits
-from torch import nn
+python train.py                                   # the embedded default (MDEQ on digits)
+python train.py experiment=cifar10_mdeq_large trainer=gpu
+python train.py -m solver=anderson,broyden seed=0,1  # a sweep, one W&B run per job
+"""
 
-from deq_lightning.deq import DEQ, apply_weight_norm
+import hydra
+from omegaconf import DictConfig
+
+from deq_lightning.config import register_schemas
+from deq_lightning.run import metric_value, train
+
+register_schemas()
 
 
-def main() -> None:
-    torch.manual_seed(0)
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32) / 16.0
-    y = torch.tensor(y)
-    perm = torch.randperm(len(x))
-    train, test = perm[:1500], perm[1500:]
-    inject, cell = nn.Linear(64, 128), apply_weight_norm(nn.Linear(128, 128))
-    head, deq = nn.Linear(128, 10), DEQ(solver_opts={"max_iter": 20, "tol": 1e-4})
-    params = [*inject.parameters(), *cell.parameters(), *head.parameters()]
-    opt = torch.optim.Adam(params, lr=1e-3)
-    for epoch in range(10):
-        for idx in train[torch.randperm(len(train))].split(64):
-            u = inject(x[idx])
-            z, stats = deq(lambda z, u=u: torch.tanh(0.5 * cell(z) + u), torch.zeros_like(u))
-            loss = nn.functional.cross_entropy(head(z), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            u = inject(x[test])
-            z, _ = deq(lambda z: torch.tanh(0.5 * cell(z) + u), torch.zeros_like(u))
-            acc = (head(z).argmax(1) == y[test]).float().mean().item()
-        print(f"epoch {epoch}: loss {loss.item():.3f} fwd steps {stats.nstep.float().mean():.1f} "
-              f"test acc {acc:.3f}")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metric_value(metrics, cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":

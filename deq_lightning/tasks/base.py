@@ -1,0 +1,351 @@
+"""The LightningModule every DEQ task builds on: it owns the DEQ bookkeeping.
+
+A task subclass only says how a batch becomes a loss and metrics. This base decides, per step,
+how the model's DEQ layers run (shallow unrolled pre-training, then DEQ mode; a jittered forward
+budget; a Jacobian-regularised step), adds the Jacobian loss on the schedule of the thesis, logs
+the solver's diagnostics (forward and backward steps and residuals, the Jacobian loss, the spectral
+radius at validation) and keeps the latest residual traces for the convergence-plot callback.
+
+Hyper-parameters are plain dicts and numbers (converted from Hydra's containers here), so a
+checkpoint loads with ``torch.load(weights_only=True)`` and ``load_from_checkpoint`` needs nothing
+but the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import random
+from contextlib import ExitStack
+from dataclasses import dataclass, fields
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor, nn
+
+from deq_lightning.deq import DEQStats, deq_override, get_backward, solver_options
+from deq_lightning.deq.backward import IMPLICIT_DEFAULTS
+
+STAGES = ("train", "val", "test")
+
+
+def plain(value: Any) -> Any:
+    """Hydra containers -> dicts/lists (resolved); anything else unchanged."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def deq_kwargs(solver: dict, backward: dict) -> dict:
+    """The ``conf/solver`` and ``conf/backward`` nodes -> :class:`~deq_lightning.deq.DEQ` kwargs.
+
+    The nodes carry the options of every solver/mode (so experiments compose with any choice);
+    only those of the chosen solver and backward mode are passed on.
+    """
+    solver_name, backward_name = solver["name"], backward["name"]
+    solver_keys = solver_options(solver_name)
+    mode = get_backward(backward_name)
+    backward_keys = IMPLICIT_DEFAULTS if backward_name == "implicit" else mode.defaults
+    backward_opts = {k: backward[k] for k in backward_keys if k in backward}
+    if backward_name == "implicit":
+        inner = solver_options(backward_opts.get("solver", IMPLICIT_DEFAULTS["solver"]))
+        extra = backward.get("solver_opts") or {}
+        backward_opts.update({k: v for k, v in extra.items() if k in inner or k not in solver_keys})
+    return {
+        "solver": solver_name,
+        "solver_opts": {k: solver[k] for k in solver_keys if solver.get(k) is not None},
+        "eval_solver_opts": {
+            k: v
+            for k, v in (solver.get("eval_opts") or {}).items()
+            if v is not None and k in solver_keys
+        },
+        "backward": backward_name,
+        "backward_opts": backward_opts,
+    }
+
+
+@dataclass
+class DEQSchedule:
+    """When and how the DEQ runs during training (the thesis's flag in brackets)."""
+
+    pretrain_steps: int = 0  # steps of shallow unrolled pre-training [pretrain_steps]
+    pretrain_unroll: int = 2  # f applications while pre-training [n_layer / NUM_LAYERS]
+    jac_loss_weight: float = 0.0  # gamma of the Jacobian term [jac_loss_weight]
+    jac_loss_freq: float = 0.0  # probability of a Jacobian step [jac_loss_freq]
+    jac_incremental: int = 0  # add jac_increment every N DEQ steps, 0 = never [jac_incremental]
+    jac_increment: float = 0.1  # the thesis adds 0.1
+    jac_stop_epoch: int | None = None  # no Jacobian term from this epoch on [JAC_STOP_EPOCH]
+    pretrain_jac_loss_weight: float = 0.0  # Jacobian term during pre-training [PRETRAIN_JAC_...]
+    max_iter_jitter: int = 0  # train max_iter ~ U{max_iter - jitter, max_iter} [rand_f_thres_delta]
+    spectral_radius_every: int = 0  # power method at validation every N epochs, 0 = off
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is not None and v < 0:
+                raise ValueError(f"task.{f.name} must be >= 0, got {v}")
+        if self.jac_loss_freq > 1:
+            raise ValueError(f"task.jac_loss_freq is a probability, got {self.jac_loss_freq}")
+        if self.pretrain_unroll < 1:
+            raise ValueError(f"task.pretrain_unroll must be >= 1, got {self.pretrain_unroll}")
+
+    def jac_weight(self, step: int, epoch: int, pretraining: bool) -> float:
+        if self.jac_stop_epoch is not None and epoch >= self.jac_stop_epoch:
+            return 0.0
+        if pretraining:
+            return self.pretrain_jac_loss_weight
+        deq_steps = max(0, step - self.pretrain_steps)
+        bonus = (
+            self.jac_increment * (deq_steps // self.jac_incremental) if self.jac_incremental else 0
+        )
+        return self.jac_loss_weight + bonus if self.jac_loss_weight > 0 else 0.0
+
+
+class DEQTask(pl.LightningModule):
+    """Base task: builds the model from its config and runs it under the DEQ schedule.
+
+    Subclasses implement :meth:`step` (batch -> loss, log dict) and call :meth:`run_model`.
+    """
+
+    def __init__(
+        self,
+        model: dict,
+        solver: dict | None = None,
+        backward: dict | None = None,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        compile: bool = False,
+        model_from_data: list[str] | None = None,
+        **schedule: Any,
+    ) -> None:
+        super().__init__()
+        model, solver, backward = plain(model), plain(solver), plain(backward)
+        optimizer, scheduler = plain(optimizer), plain(scheduler)
+        schedule = {k: plain(v) for k, v in schedule.items()}
+        self.save_hyperparameters()
+        # Subclass frames still hold Hydra containers; keep only plain values (weights_only load).
+        clean = {k: plain(v) for k, v in self.hparams.items()}
+        self.hparams.clear()
+        self.hparams.update(clean)
+        self._hparams_initial = copy.deepcopy(self._hparams)
+        known = {f.name for f in fields(DEQSchedule)}
+        unknown = sorted(set(schedule) - known)
+        if unknown:
+            raise ValueError(f"unknown task option(s) {unknown}; known: {', '.join(sorted(known))}")
+        self.schedule = DEQSchedule(**schedule)
+        self.model: nn.Module | None = None
+        if all(self.hparams.model.get(k) is not None for k in model_from_data or ()):
+            self._build_model()
+        self.convergence_traces: dict[str, Tensor] = {}
+        self._pending: DEQStats | None = None
+        self._first_val_batch = False
+
+    def _build_model(self) -> None:
+        hp = self.hparams
+        model = build_model(hp.model, hp.solver, hp.backward)
+        self.model = torch.compile(model) if hp.compile else model
+
+    def configure_model(self) -> None:
+        """Build the model once the data is set up when its config takes values from the data.
+
+        ``model_from_data`` lists model arguments read from the DataModule (e.g. ``vocab_size``
+        of a corpus); they are written into the hyper-parameters, so the checkpoint rebuilds the
+        same model without the data.
+        """
+        if self.model is not None:
+            return
+        dm = self.trainer.datamodule
+        for key in self.hparams.model_from_data or ():
+            if not hasattr(dm, key):
+                raise AttributeError(
+                    f"task.model_from_data asks for '{key}', which {type(dm).__name__} does not have"
+                )
+            self.hparams.model[key] = getattr(dm, key)
+        self._hparams_initial = copy.deepcopy(self._hparams)
+        self._build_model()
+
+    # ------------------------------------------------------------------ running the model
+
+    @property
+    def pretraining(self) -> bool:
+        return self.training and self.global_step < self.schedule.pretrain_steps
+
+    def run_model(self, *args: Any, **kwargs: Any) -> tuple[Any, DEQStats | None]:
+        """Call the model under this step's DEQ settings; returns ``(output, stats)``."""
+        stage = "train" if self.training else "eval"
+        with ExitStack() as stack:
+            changes = self._deq_changes()
+            if changes:
+                stack.enter_context(deq_override(self.model, **changes))
+            out = self.model(*args, **kwargs)
+        output, stats = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
+        if stats is not None:
+            self.convergence_traces[stage if stage == "train" else self._eval_stage()] = (
+                stats.forward.rel_trace.float().mean(1).detach().cpu()
+            )
+            if self.training:
+                self._pending = stats
+        return output, stats
+
+    def _eval_stage(self) -> str:
+        return "test" if self.trainer.testing else "val"
+
+    def _deq_changes(self) -> dict:
+        s = self.schedule
+        changes: dict[str, Any] = {}
+        if not self.training:
+            if (
+                s.spectral_radius_every
+                and self.trainer.validating
+                and self.current_epoch % s.spectral_radius_every == 0
+                and self._first_val_batch
+            ):
+                changes["compute_spectral_radius"] = True
+            return changes
+        if self.pretraining:
+            changes.update(backward="unrolled", backward_opts={"steps": s.pretrain_unroll})
+        if self._jac_weight_now() > 0 and random.random() < self._jac_prob():
+            changes["compute_jac_loss"] = True
+        if s.max_iter_jitter and not self.pretraining:
+            base = self._base_max_iter()
+            if base is not None:
+                changes["solver_opts"] = {
+                    "max_iter": max(1, base - random.randint(0, s.max_iter_jitter))
+                }
+        return changes
+
+    def _jac_prob(self) -> float:
+        return (
+            1.0
+            if self.pretraining and self.schedule.pretrain_jac_loss_weight
+            else (self.schedule.jac_loss_freq)
+        )
+
+    def _jac_weight_now(self) -> float:
+        return self.schedule.jac_weight(self.global_step, self.current_epoch, self.pretraining)
+
+    def _base_max_iter(self) -> int | None:
+        for m in self.model.modules():
+            if hasattr(m, "active_solver_opts"):
+                return m.active_solver_opts()["max_iter"]
+        return None
+
+    def add_jac_loss(self, loss: Tensor, stats: DEQStats | None) -> Tensor:
+        """``loss + gamma * jac_loss`` when this step computed the Jacobian term."""
+        if stats is None or stats.jac_loss is None:
+            return loss
+        return loss + self._jac_weight_now() * stats.jac_loss
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def step(self, batch: Any, stage: str) -> Tensor:
+        raise NotImplementedError("a task implements step(batch, stage) -> loss")
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._first_val_batch = batch_idx == 0
+        self.step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._first_val_batch = False
+        self.step(batch, "test")
+
+    def on_after_backward(self) -> None:
+        stats, self._pending = self._pending, None
+        if stats is not None and stats.backward is not None:
+            self.log_dict(solver_metrics(stats.backward, "train/bwd_"), on_step=True, on_epoch=True)
+
+    def log_deq(self, stats: DEQStats | None, stage: str, batch_size: int) -> None:
+        """Forward diagnostics (and the Jacobian term / spectral radius when present)."""
+        if stats is None:
+            return
+        train = stage == "train"
+        kw = dict(on_step=train, on_epoch=True, sync_dist=not train, batch_size=batch_size)
+        metrics = solver_metrics(stats.forward, f"{stage}/fwd_")
+        if stats.jac_loss is not None:
+            metrics[f"{stage}/jac_loss"] = stats.jac_loss.detach()
+        self.log_dict(metrics, **kw)
+        if train:
+            self.log("train/pretraining", float(self.pretraining), on_step=True, on_epoch=False)
+            self.log("train/jac_weight", self._jac_weight_now(), on_step=True, on_epoch=False)
+        if stats.spectral_radius is not None:
+            self.log(f"{stage}/spectral_radius", stats.spectral_radius.mean(), **kw)
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> Any:
+        opt_cfg = dict(self.hparams.optimizer or {"_target_": "torch.optim.Adam", "lr": 1e-3})
+        optimizer = hydra.utils.instantiate(opt_cfg, params=self.trainer.model.parameters())
+        sched_cfg = self.hparams.scheduler
+        if not sched_cfg:
+            return optimizer
+        sched_cfg = dict(sched_cfg)
+        interval = sched_cfg.pop("interval", "step")
+        scheduler = build_scheduler(
+            sched_cfg, optimizer, int(self.trainer.estimated_stepping_batches)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval},
+        }
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # timm schedulers are driven by the update count, not by a bare .step().
+        if hasattr(scheduler, "step_update"):
+            scheduler.step_update(num_updates=self.global_step)
+        else:
+            scheduler.step()
+
+
+def solver_metrics(stats: Any, prefix: str) -> dict[str, Tensor]:
+    """Batch means of a solve's diagnostics as tensors (no host sync per step)."""
+    return {
+        f"{prefix}nstep": stats.nstep.float().mean(),
+        f"{prefix}abs_res": stats.abs_res.float().mean(),
+        f"{prefix}rel_res": stats.rel_res.float().mean(),
+        f"{prefix}converged": stats.converged.float().mean(),
+    }
+
+
+def build_model(model: dict, solver: dict | None, backward: dict | None) -> nn.Module:
+    """Instantiate ``model`` (a ``_target_`` dict), handing DEQ models the solver/backward config."""
+    if not isinstance(model, dict) or "_target_" not in model:
+        raise ValueError(f"task.model must be a config with a _target_, got {model!r}")
+    cls = hydra.utils.get_class(model["_target_"]) if "." in model["_target_"] else None
+    takes_deq = cls is not None and "deq" in inspect.signature(cls).parameters
+    cfg = dict(model)
+    if takes_deq and solver is not None and backward is not None:
+        cfg["deq"] = {**deq_kwargs(solver, backward), **(cfg.get("deq") or {})}
+    return hydra.utils.instantiate(cfg, _convert_="all")
+
+
+def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, total: int) -> Any:
+    """A warm-up + cosine (or other timm) schedule over ``total`` optimizer steps.
+
+    ``cfg`` is ``{"name": "cosine", "warmup": 0.05, "min_lr_ratio": 0.0}`` (warm-up as a fraction of
+    the run or an absolute count) or any ``_target_`` scheduler config.
+    """
+    if "_target_" in cfg:
+        return hydra.utils.instantiate(cfg, optimizer=optimizer)
+    from timm.scheduler import create_scheduler_v2
+
+    name = cfg.get("name", "cosine")
+    warmup = cfg.get("warmup", 0.0)
+    warmup_steps = int(warmup * total) if isinstance(warmup, float) and warmup < 1 else int(warmup)
+    base_lr = optimizer.param_groups[0]["lr"]
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=name,
+        num_epochs=max(1, total),
+        warmup_epochs=warmup_steps,
+        warmup_lr=cfg.get("warmup_lr_ratio", 0.0) * base_lr or base_lr * 1e-3,
+        min_lr=cfg.get("min_lr_ratio", 0.0) * base_lr,
+        step_on_epochs=False,
+        updates_per_epoch=1,
+    )
+    return scheduler

@@ -1,0 +1,122 @@
+"""Composition of every config, and the errors a user gets for bad input (no training here)."""
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from deq_lightning.run import check_config
+from deq_lightning.tasks.base import deq_kwargs, plain
+
+from .conftest import EXPERIMENTS, compose_cfg
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_resolves(experiment, tmp_path):
+    cfg = compose_cfg([f"experiment={experiment}"], tmp_path / "run")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["task"]["model"] == resolved["model"]
+    check_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "group",
+    [
+        "solver=fixed_point",
+        "solver=broyden",
+        "backward=phantom",
+        "backward=one_step",
+        "backward=unrolled",
+        "logger=many",
+        "logger=tensorboard",
+        "strategy=ddp",
+        "strategy=ddp_spawn",
+        "strategy=ddp_fork",
+        "strategy=fsdp",
+        "strategy=deepspeed",
+        "trainer=gpu",
+        "debug=fdr",
+        "debug=overfit",
+        "debug=limit",
+        "debug=profiler",
+        "hydra/launcher=slurm",
+        "hydra/launcher=local",
+    ],
+)
+def test_group_options_compose(group, tmp_path):
+    cfg = compose_cfg([group], tmp_path / "run")
+    OmegaConf.to_container(cfg.task, resolve=True)
+
+
+def test_default_is_the_digits_experiment(tmp_path):
+    default = compose_cfg([], tmp_path / "a")
+    explicit = compose_cfg(["experiment=cls_digits"], tmp_path / "a")
+    assert OmegaConf.to_container(default.task, resolve=True) == OmegaConf.to_container(
+        explicit.task, resolve=True
+    )
+    assert default.data._target_.endswith("DigitsDataModule")
+
+
+def test_solver_and_backward_reach_the_deq(tmp_path):
+    cfg = compose_cfg(
+        [
+            "solver=broyden",
+            "solver.max_iter=7",
+            "solver.eval_opts.max_iter=11",
+            "solver.m=3",
+            "backward=phantom",
+            "backward.steps=3",
+        ],
+        tmp_path / "run",
+    )
+    kw = deq_kwargs(plain(cfg.task.solver), plain(cfg.task.backward))
+    assert kw["solver"] == "broyden" and kw["solver_opts"]["max_iter"] == 7
+    assert kw["eval_solver_opts"] == {"max_iter": 11}
+    assert kw["backward"] == "phantom" and kw["backward_opts"] == {"steps": 3, "tau": 0.8}
+    assert "m" not in kw["solver_opts"]  # Anderson's option, not Broyden's: dropped
+
+
+@pytest.mark.parametrize(
+    "override, error, match",
+    [
+        ("solver.mm=3", ConfigCompositionException, "mm"),
+        ("solver.max_iter=abc", ConfigCompositionException, "max_iter"),
+        ("backward.stepz=2", ConfigCompositionException, "stepz"),
+        ("trainer.max_epoch=3", ConfigCompositionException, "max_epoch"),
+        ("trainer.max_epochs=many", ConfigCompositionException, "max_epochs"),
+        ("solver=newton", ConfigCompositionException, "\tanderson\n\tbroyden\n\tfixed_point"),
+        ("model=resnet_imaginary", ConfigCompositionException, "Available options"),
+    ],
+)
+def test_typos_and_wrong_types_fail_at_composition(override, error, match, tmp_path):
+    with pytest.raises(error) as info:
+        compose_cfg([override], tmp_path / "run")
+    text = str(info.value) + str(info.value.__cause__ or "")
+    assert match in text, text
+
+
+def test_impossible_values_fail_early_with_the_key(tmp_path):
+    cfg = compose_cfg(["solver.max_iter=-3"], tmp_path / "run")
+    with pytest.raises(ValueError, match="max_iter must be an integer >= 1, got -3"):
+        check_config(cfg)
+    cfg = compose_cfg(["backward.tol=0"], tmp_path / "run")
+    with pytest.raises(ValueError, match="backward_opts: tol must be a number > 0"):
+        check_config(cfg)
+    cfg = compose_cfg(["trainer.devices=2", "data.batch_size=63"], tmp_path / "run")
+    with pytest.raises(ValueError, match=r"data\.batch_size=63 is not divisible by the world size 2"):
+        check_config(cfg)
+
+
+def test_unknown_task_option_is_rejected(tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(["+task.pretrain_stepz=5"], tmp_path / "run")
+    with pytest.raises(Exception, match="pretrain_stepz"):
+        instantiate(cfg.task, _recursive_=False)
+
+
+def test_structured_schema_types(tmp_path):
+    cfg = compose_cfg(["solver.max_iter=12", "solver.tol=1e-5"], tmp_path / "run")
+    assert isinstance(cfg.solver.max_iter, int) and cfg.solver.tol == 1e-5
+    with pytest.raises((ValidationError, ConfigKeyError)):
+        cfg.solver.max_iter = "x"

@@ -1,0 +1,58 @@
+"""Read an offline W&B run file (``run-<id>.wandb``) without network or the W&B service.
+
+The file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of fragments, each with a
+4-byte CRC, a 2-byte little-endian length and a 1-byte type (1 full, 2 first, 3 middle, 4 last),
+whose payloads are ``wandb_internal_pb2.Record`` protobufs.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2 as pb
+
+BLOCK = 32768
+HEADER = 7
+
+
+def records(path: Path) -> list[pb.Record]:
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    out, pos, pending = [], HEADER, b""
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if length == 0 and kind == 0:
+            pos += left  # zero padding to the end of the block
+            continue
+        payload = data[pos + HEADER : pos + HEADER + length]
+        pos += HEADER + length
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(pending + payload)
+            out.append(rec)
+            pending = b""
+        else:
+            pending += payload
+    return out
+
+
+def config_and_history(path: Path) -> tuple[dict, set[str]]:
+    """The run's config (key -> value) and every key ever logged to its history."""
+    config, keys = {}, set()
+    for rec in records(path):
+        kind = rec.WhichOneof("record_type")
+        if kind == "config":
+            for item in rec.config.update:
+                config[item.key] = json.loads(item.value_json)
+        elif kind == "run":
+            for item in rec.run.config.update:
+                config[item.key] = json.loads(item.value_json)
+        elif kind == "history":
+            keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
+    return config, keys
