@@ -13,7 +13,7 @@ import torch
 
 from deq_lightning.run import train
 
-from ..helpers.wandb_offline import config_and_history
+from ..helpers.wandb_offline import config_and_history, wandb_group
 from .conftest import EXPERIMENTS, FAST, ROOT, compose_cfg, run_script
 
 
@@ -161,23 +161,27 @@ def test_ddp_subprocess_writes_one_run_dir(tmp_path, run_env):
 
 @pytest.mark.slow
 def test_multirun_basic_sweep(tmp_path, run_env):
-    run_script(
-        "train.py",
-        ["-m", "seed=0,1", "debug=limit", "logger=wandb", "trainer.enable_progress_bar=false"],
-        run_env,
-        tmp_path,
-    )
-    (sweep,) = (tmp_path / "logs" / "debug" / "multiruns").iterdir()
+    limits = [
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+    ]
+    args = ["-m", "seed=0,1", "logger=wandb", "trainer.enable_progress_bar=false", *limits]
+    run_script("train.py", args, run_env, tmp_path)
+    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in jobs] == ["0", "1"]
-    ids = set()
+    ids, groups = set(), set()
     for job in jobs:
-        assert (job / "metrics.json").exists() or (job / ".hydra").exists()
+        assert (job / "metrics.json").exists()
         (run_file,) = (job / "wandb").glob("offline-run-*/run-*.wandb")
         config, _ = config_and_history(run_file)
         ids.add(run_file.name)
-        assert config["seed"] in (0, 1)
-    assert len(ids) == 2  # one W&B run per job
+        groups.add(wandb_group(run_file))
+        assert config["seed"] == int(job.name)
+    assert len(ids) == 2  # one W&B run per job ...
+    assert groups == {sweep.name}  # ... grouped by sweep
 
 
 @pytest.mark.slow
@@ -206,10 +210,12 @@ def test_kill_and_resume_then_eval_reproduces(tmp_path, run_env):
     args = [
         f"hydra.run.dir={run_dir}",
         "logger=csv",
-        "trainer.max_epochs=4",
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=30",
         "trainer.enable_progress_bar=false",
         "data.batch_size=16",
-        "+callbacks.model_checkpoint.every_n_train_steps=20",
+        "task.pretrain_steps=10",
+        "+callbacks.model_checkpoint.every_n_train_steps=10",
     ]
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args],
@@ -233,7 +239,7 @@ def test_kill_and_resume_then_eval_reproduces(tmp_path, run_env):
     resumed = run_script("train.py", args, run_env, tmp_path)
     assert f"resuming from {last}" in resumed.stdout
     final = torch.load(last, weights_only=True)
-    assert final["global_step"] > step_at_kill and final["epoch"] >= 3
+    assert final["global_step"] > step_at_kill and final["global_step"] == 90
     metrics = json.loads((run_dir / "metrics.json").read_text())
     ev = run_script("eval.py", [f"run_dir={run_dir}"], run_env, tmp_path)
     (eval_run,) = (tmp_path / "logs" / "eval" / "runs").iterdir()
@@ -246,7 +252,8 @@ def test_eval_overrides_apply_on_top_of_the_run_config(tmp_path, run_env):
     run_dir = tmp_path / "run"
     run_script(
         "train.py",
-        [f"hydra.run.dir={run_dir}", "logger=csv", "debug=limit", "test=true"],
+        [f"hydra.run.dir={run_dir}", "logger=csv", "trainer.max_epochs=1",
+         "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "task.pretrain_steps=0"],
         run_env,
         tmp_path,
     )

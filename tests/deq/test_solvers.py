@@ -192,12 +192,34 @@ def test_broyden_memory_is_bounded_by_steps_not_max_iter():
     lr = _LowRank(x, memory=None)
     for _ in range(3):
         lr.append(torch.ones(2, 10), torch.ones(2, 10))
-    assert lr.us.shape[1] == _LowRank.CHUNK  # grows in chunks with the updates, not max_iter
+    assert lr.stored == _LowRank.CHUNK  # grows in chunks with the updates, not max_iter
     limited = _LowRank(x, memory=4)
     for i in range(10):
         limited.append(torch.full((2, 10), float(i)), torch.ones(2, 10))
-    assert limited.us.shape[1] == 4  # never more than `memory` updates stored
-    assert limited.n == 2 and limited.us[0, :2, 0].tolist() == [8.0, 9.0]  # restarted at 8
+    assert limited.stored == 4  # never more than `memory` updates stored
+    assert limited.n == 2 and limited.us[0][0, :2, 0].tolist() == [8.0, 9.0]  # restarted at 8
+
+
+def test_low_rank_products_match_dense():
+    from deq_lightning.deq.solvers import _LowRank
+
+    g = torch.Generator().manual_seed(0)
+    lr = _LowRank(torch.zeros(3, 7, dtype=torch.float64), memory=None)
+    us, vs = [], []
+    for _ in range(11):  # two chunks, the second partly filled
+        u, v = (
+            torch.randn(3, 7, generator=g, dtype=torch.float64),
+            torch.randn(3, 7, generator=g, dtype=torch.float64),
+        )
+        lr.append(u, v)
+        us.append(u)
+        vs.append(v)
+    dense = -torch.eye(7, dtype=torch.float64) + torch.einsum(
+        "nbi,nbj->bij", torch.stack(us), torch.stack(vs)
+    )
+    x = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(lr.matvec(x), torch.einsum("bij,bj->bi", dense, x))
+    torch.testing.assert_close(lr.rmatvec(x), torch.einsum("bi,bij->bj", x, dense))
 
 
 def test_broyden_limited_memory_still_converges():

@@ -56,3 +56,11 @@ def config_and_history(path: Path) -> tuple[dict, set[str]]:
         elif kind == "history":
             keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
     return config, keys
+
+
+def wandb_group(path: Path) -> str:
+    """The run's group (set at ``wandb.init``)."""
+    for rec in records(path):
+        if rec.WhichOneof("record_type") == "run":
+            return rec.run.run_group
+    raise AssertionError(f"no run record in {path}")
