@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deq_lightning.metrics import TokenPerplexity
+from deq_lightning.metrics.language import TokenPerplexity
 
 from .base import STAGES, DEQTask
 

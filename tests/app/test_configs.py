@@ -8,7 +8,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from deq_lightning.run import check_config
 from deq_lightning.tasks.base import deq_kwargs, plain
 
-from .conftest import EXPERIMENTS, compose_cfg
+from ..helpers.app import EXPERIMENTS, compose_cfg
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -103,7 +103,9 @@ def test_impossible_values_fail_early_with_the_key(tmp_path):
     with pytest.raises(ValueError, match="backward_opts: tol must be a number > 0"):
         check_config(cfg)
     cfg = compose_cfg(["trainer.devices=2", "data.batch_size=63"], tmp_path / "run")
-    with pytest.raises(ValueError, match=r"data\.batch_size=63 is not divisible by the world size 2"):
+    with pytest.raises(
+        ValueError, match=r"data\.batch_size=63 is not divisible by the world size 2"
+    ):
         check_config(cfg)
 
 

@@ -13,8 +13,8 @@ import torch
 
 from deq_lightning.run import train
 
+from ..helpers.app import EXPERIMENTS, FAST, ROOT, compose_cfg, run_script
 from ..helpers.wandb_offline import config_and_history, wandb_group
-from .conftest import EXPERIMENTS, FAST, ROOT, compose_cfg, run_script
 
 
 def experiment_overrides(name: str, tmp_path: Path) -> list[str]:
@@ -252,8 +252,14 @@ def test_eval_overrides_apply_on_top_of_the_run_config(tmp_path, run_env):
     run_dir = tmp_path / "run"
     run_script(
         "train.py",
-        [f"hydra.run.dir={run_dir}", "logger=csv", "trainer.max_epochs=1",
-         "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "task.pretrain_steps=0"],
+        [
+            f"hydra.run.dir={run_dir}",
+            "logger=csv",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=3",
+            "trainer.limit_val_batches=2",
+            "task.pretrain_steps=0",
+        ],
         run_env,
         tmp_path,
     )

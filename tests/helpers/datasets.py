@@ -44,6 +44,38 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 2, size: i
     return root
 
 
+def write_text_corpus(root: Path, names: dict[str, str], seed: int = 0) -> Path:
+    """Three tiny word-level splits; valid/test use only training words."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(40)]
+    root.mkdir(parents=True, exist_ok=True)
+    for split, name in names.items():
+        lines = [
+            " ".join(rng.choice(words, size=12)) for _ in range(60 if split == "train" else 20)
+        ]
+        if split == "train":
+            lines.append(" ".join(words))  # every word occurs in training
+        (root / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+TINY_LM = [
+    "model.d_model=32",
+    "model.n_head=2",
+    "model.d_head=16",
+    "model.d_inner=64",
+    "model.cutoffs=[10,20]",
+    "model.div_val=2",
+    "model.mem_len=8",
+    "data.batch_size=4",
+    "data.eval_batch_size=2",
+    "data.tgt_len=8",
+    "data.eval_tgt_len=8",
+    "trainer.devices=1",
+    "trainer.accelerator=cpu",
+]
+
+
 QUICK = [
     "solver.max_iter=3",
     "solver.eval_opts={max_iter: 3}",
@@ -65,5 +97,21 @@ def overrides_for(experiment: str, tmp: Path) -> list[str]:
             "data.batch_size=2",
             "model.num_classes=6",
             "data.image_size=64",
+        ]
+    if experiment.startswith(("wt103", "wt2")):
+        splits = {s: f"wiki.{s}.tokens" for s in ("train", "valid", "test")}
+        write_text_corpus(tmp / "data" / "wiki", splits)
+        return [*QUICK, *TINY_LM, f"data.data_dir={tmp / 'data' / 'wiki'}"]
+    if experiment.startswith("ptb"):
+        write_text_corpus(
+            tmp / "data" / "ptb", {s: f"ptb.{s}.txt" for s in ("train", "valid", "test")}
+        )
+        return [*QUICK, *TINY_LM, f"data.data_dir={tmp / 'data' / 'ptb'}"]
+    if experiment.startswith("lm_"):
+        return [
+            *QUICK,
+            "data.train_tokens=20000",
+            "data.valid_tokens=2000",
+            "data.test_tokens=2000",
         ]
     return QUICK

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -34,19 +32,6 @@ def compose_cfg(overrides: list[str], output_dir: Path, config_name: str = "trai
         cfg.hydra.job.num = 0
     HydraConfig.instance().set_config(cfg)
     return cfg
-
-
-@pytest.fixture
-def run_env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        WANDB_MODE="offline",
-        WANDB_SILENT="true",
-        OMP_NUM_THREADS="1",
-        HYDRA_FULL_ERROR="1",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
 
 
 def run_script(
