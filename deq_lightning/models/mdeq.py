@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -395,11 +396,111 @@ class MDEQClassifier(nn.Module):
         return self.head(streams), stats
 
 
+# ----------------------------------------------------------------------------------------------
+# Segmentation
+# ----------------------------------------------------------------------------------------------
+# The backbone above, unchanged, drives every resolution stream to a joint fixed point; the head
+# only reads the equilibrium: each stream is upsampled (bilinear) to the highest stream's
+# resolution, the streams are concatenated, and a conv1x1 + BN + ReLU mixes them before a
+# per-pixel classifier (reference MDEQ-Vision/lib/models/mdeq.py:MDEQSegNet; deq_systems.md §1.3).
+# With the thesis's downsample_times=2 the logits are at 1/4 of the input resolution; the task
+# upsamples them to the label size. Defaults are the thesis's Cityscapes MDEQ-small
+# (experiments/cityscapes/seg_mdeq_SMALL.yaml): BN momentum 0.01, dropout 0.05, a 1x1 final conv.
+
+
+class SegmentationHead(nn.Module):
+    """Equilibrium streams -> per-pixel logits at the resolution of the first stream."""
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        num_classes: int,
+        final_conv_kernel: int = 1,
+        bn_momentum: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if final_conv_kernel not in (1, 3):
+            raise ValueError(f"final_conv_kernel must be 1 or 3, got {final_conv_kernel}")
+        width = sum(channels)
+        self.mix = nn.Sequential(
+            nn.Conv2d(width, width, 1),
+            nn.BatchNorm2d(width, momentum=bn_momentum),
+            nn.ReLU(),
+        )
+        self.classifier = nn.Conv2d(
+            width, num_classes, final_conv_kernel, padding=final_conv_kernel // 2
+        )
+
+    def forward(self, streams: Sequence[Tensor]) -> Tensor:
+        size = streams[0].shape[-2:]
+        # align_corners=False (the torchvision convention); the reference uses True. Either is
+        # learned around; neither changes what the head can represent.
+        up = [streams[0]] + [
+            F.interpolate(z, size=size, mode="bilinear", align_corners=False) for z in streams[1:]
+        ]
+        return self.classifier(self.mix(torch.cat(up, dim=1)))
+
+
+class MDEQSegmenter(nn.Module):
+    """MDEQ semantic segmentation: ``forward(x) -> (logits, stats)``.
+
+    ``logits`` has shape ``(B, num_classes, H / 2**d, W / 2**d)`` (``d = downsample_times``,
+    sizes rounded up): the resolution of the highest stream. ``stats`` is the
+    :class:`~deq_lightning.deq.DEQStats` of the backbone's equilibrium solve.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 19,
+        channels: Sequence[int] = (32, 64, 128, 256),
+        expansion: float = 5,
+        num_groups: int = 8,
+        dropout: float = 0.05,
+        downsample_times: int = 2,
+        post_gn_affine: bool = True,
+        weight_norm: bool = True,
+        final_conv_kernel: int = 1,
+        bn_momentum: float = 0.01,
+        deq: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.num_classes = num_classes
+        self.downsample_times = downsample_times
+        self.backbone = MDEQBackbone(
+            in_channels=in_channels,
+            channels=channels,
+            expansion=expansion,
+            num_groups=num_groups,
+            dropout=dropout,
+            downsample_times=downsample_times,
+            post_gn_affine=post_gn_affine,
+            weight_norm=weight_norm,
+            bn_momentum=bn_momentum,
+            deq=deq,
+        )
+        self.head = SegmentationHead(
+            self.backbone.channels, num_classes, final_conv_kernel, bn_momentum
+        )
+
+    @property
+    def deq(self) -> DEQ:
+        return self.backbone.deq
+
+    def forward(self, x: Tensor) -> tuple[Tensor, DEQStats]:
+        streams, stats = self.backbone(x)
+        return self.head(streams), stats
+
+
 __all__ = [
     "ClassificationHead",
     "MDEQBackbone",
     "MDEQClassifier",
+    "MDEQSegmenter",
     "MultiscaleFusion",
     "MultiscaleLayer",
     "ResidualBlock",
+    "SegmentationHead",
 ]

@@ -34,7 +34,8 @@ def test_every_experiment_runs_fast_dev_run(experiment, tmp_path):
     cfg = compose_cfg(overrides, tmp_path / "run")
     metrics = train(cfg)
     assert any(k.startswith("test/") for k in metrics), metrics
-    assert all(v is None or v == v for v in metrics.values())
+    # per-class IoU is NaN for a class absent from a tiny test set; nothing else may be
+    assert all(v == v for k, v in metrics.items() if "/iou_" not in k), metrics
 
 
 def test_digits_default_learns(tmp_path):

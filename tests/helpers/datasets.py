@@ -44,6 +44,28 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 2, size: i
     return root
 
 
+def write_cityscapes(root: Path, width: int = 64, height: int = 32, seed: int = 0) -> Path:
+    """``root/leftImg8bit/{train,val,test}/<city>/*_leftImg8bit.png`` and the matching
+    ``gtFine/.../*_gtFine_labelIds.png`` (random pixels; ids from evaluated and void classes):
+    2 train cities x 2 frames, 1 val city x 2, 1 test city x 1."""
+    rng = np.random.default_rng(seed)
+    ids = np.array([0, 7, 8, 11, 21, 23, 24, 26, 33], dtype=np.uint8)
+    for split, cities, frames in (("train", 2, 2), ("val", 1, 2), ("test", 1, 1)):
+        for c in range(cities):
+            city = f"{split}city{c}"
+            for f in range(frames):
+                stem = f"{city}_{c:06d}_{f:06d}"
+                img_dir = root / "leftImg8bit" / split / city
+                lbl_dir = root / "gtFine" / split / city
+                img_dir.mkdir(parents=True, exist_ok=True)
+                lbl_dir.mkdir(parents=True, exist_ok=True)
+                rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+                Image.fromarray(rgb).save(img_dir / f"{stem}_leftImg8bit.png")
+                lbl = rng.choice(ids, size=(height, width)).astype(np.uint8)
+                Image.fromarray(lbl).save(lbl_dir / f"{stem}_gtFine_labelIds.png")
+    return root
+
+
 def write_text_corpus(root: Path, names: dict[str, str], seed: int = 0) -> Path:
     """Three tiny word-level splits; valid/test use only training words."""
     rng = np.random.default_rng(seed)
@@ -107,6 +129,19 @@ def overrides_for(experiment: str, tmp: Path) -> list[str]:
             tmp / "data" / "ptb", {s: f"ptb.{s}.txt" for s in ("train", "valid", "test")}
         )
         return [*QUICK, *TINY_LM, f"data.data_dir={tmp / 'data' / 'ptb'}"]
+    if experiment.startswith("cityscapes"):
+        root = write_cityscapes(tmp / "data" / "cityscapes")
+        return [
+            *QUICK,
+            f"data.data_dir={root}",
+            "data.batch_size=2",
+            "data.eval_batch_size=1",
+            "data.num_workers=0",
+            "data.crop_size=[32,64]",
+            "data.base_size=64",
+        ]
+    if experiment.startswith("seg_"):
+        return [*QUICK, "data.n_train=32", "data.n_val=8", "data.n_test=8"]
     if experiment.startswith("lm_"):
         return [
             *QUICK,
