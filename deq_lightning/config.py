@@ -21,11 +21,16 @@ from deq_lightning.deq import list_backwards, list_solvers, solver_options
 from deq_lightning.deq.backward import IMPLICIT_DEFAULTS, get_backward
 
 _PRIMITIVES = (int, float, bool, str)
+# Options whose default is None but whose set values have a type: Broyden's memory, HyperAnderson's
+# weights file.
+_OPTIONAL_TYPES = {"memory": Optional[int], "path": Optional[str]}
 
 
 def _type_of(key: str, default: Any) -> Any:
-    if key == "memory" or default is None:
-        return Optional[int] if key == "memory" else Any
+    if key in _OPTIONAL_TYPES:
+        return _OPTIONAL_TYPES[key]
+    if default is None:
+        return Any
     if isinstance(default, bool):
         return bool
     return type(default) if isinstance(default, _PRIMITIVES) else Any

@@ -5,6 +5,7 @@ Pure torch: nothing here knows about Lightning or Hydra.
 
 from .backward import get_backward, list_backwards, register_backward
 from .dropout import VariationalDropout
+from .hyper import HyperAndersonNet, capture_problems, load_hypersolver, save_hypersolver
 from .jacobian import jac_loss_estimate, spectral_radius
 from .layer import DEQ, deq_override
 from .norm import apply_weight_norm, has_weight_norm, weight_norm
@@ -23,11 +24,13 @@ from .stats import DEQStats, SolverStats, Status
 __all__ = [
     "DEQ",
     "DEQStats",
+    "HyperAndersonNet",
     "SolverStats",
     "StateSpec",
     "Status",
     "VariationalDropout",
     "apply_weight_norm",
+    "capture_problems",
     "check_solver_options",
     "deq_override",
     "forward_scope",
@@ -37,8 +40,10 @@ __all__ = [
     "jac_loss_estimate",
     "list_backwards",
     "list_solvers",
+    "load_hypersolver",
     "register_backward",
     "register_solver",
+    "save_hypersolver",
     "solve",
     "solver_options",
     "spectral_radius",

@@ -68,6 +68,9 @@ class DEQ(nn.Module):
         self.spectral_radius_iters = spectral_radius_iters
         self.compute_jac_loss = False
         self.compute_spectral_radius = False
+        # Called as on_solve(flat_f, z0, z*) after each forward solve; hyper.capture_problems
+        # sets it to collect the problems a learned solver is trained on.
+        self.on_solve: Callable[[Callable[[Tensor], Tensor], Tensor, Tensor], None] | None = None
         self.check()
 
     def check(self) -> None:
@@ -160,6 +163,8 @@ class DEQ(nn.Module):
             g = flat_fn(f, spec, autocast_state(x0.device), x0.device)
             if mode.solves:
                 res = run_flat(self.solver, g, x0, sopts, record_steps(sopts["max_iter"], n_states))
+                if self.on_solve is not None:
+                    self.on_solve(g, x0.detach(), res.z)
                 stats = DEQStats(forward=res.stats, mode=self.backward)
                 starts = res.states + [res.z] * (n_states - len(res.states))
                 outs = [mode.attach(g, s, bopts, stats) for s in starts]

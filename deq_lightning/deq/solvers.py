@@ -45,13 +45,21 @@ class FlatResult(NamedTuple):
     states: list[Tensor]
 
 
-def register_solver(name: str) -> Callable[[SolverFn], SolverFn]:
-    """Register a solver under ``name`` (used by configs: ``solver=name``)."""
+def register_solver(
+    name: str, checks: dict[str, Callable[[dict, str], None]] | None = None
+) -> Callable[[SolverFn], SolverFn]:
+    """Register a solver under ``name`` (used by configs: ``solver=name``).
+
+    ``checks`` maps a solver-specific option to a validator ``check(opts, key)`` that raises
+    ``ValueError`` naming the key (see :func:`check_solver_options`).
+    """
 
     def deco(fn: SolverFn) -> SolverFn:
         if name in _SOLVERS:
             raise ValueError(f"a solver named '{name}' is already registered")
         _SOLVERS[name] = fn
+        if checks:
+            _SPECIFIC_CHECKS[name] = dict(checks)
         return fn
 
     return deco

@@ -155,9 +155,13 @@ class DEQTask(pl.LightningModule):
         of a corpus); they are written into the hyper-parameters, so the checkpoint rebuilds the
         same model without the data.
         """
+        if self.model is None:
+            self.build_for(self.trainer.datamodule)
+
+    def build_for(self, dm: Any) -> None:
+        """Build the model (once), taking ``model_from_data`` values from the DataModule ``dm``."""
         if self.model is not None:
             return
-        dm = self.trainer.datamodule
         for key in self.hparams.model_from_data or ():
             if not hasattr(dm, key):
                 raise AttributeError(
@@ -260,12 +264,21 @@ class DEQTask(pl.LightningModule):
         if stats is not None and stats.backward is not None:
             self.log_dict(solver_metrics(stats.backward, "train/bwd_"), on_step=True, on_epoch=True)
 
-    def log_deq(self, stats: DEQStats | None, stage: str, batch_size: int) -> None:
-        """Forward diagnostics (and the Jacobian term / spectral radius when present)."""
+    def log_deq(
+        self, stats: DEQStats | None, stage: str, batch_size: int, prefix: str | None = None
+    ) -> None:
+        """Forward diagnostics (and the Jacobian term / spectral radius when present).
+
+        ``prefix`` replaces ``stage`` in the keys (e.g. ``val/kitti`` for one of several
+        evaluation sets); the keys then carry no ``/dataloader_idx_N`` suffix.
+        """
         if stats is None:
             return
         train = stage == "train"
         kw = dict(on_step=train, on_epoch=True, sync_dist=not train, batch_size=batch_size)
+        if prefix is not None:
+            kw["add_dataloader_idx"] = False
+        stage = prefix or stage
         metrics = solver_metrics(stats.forward, f"{stage}/fwd_")
         if stats.jac_loss is not None:
             metrics[f"{stage}/jac_loss"] = stats.jac_loss.detach()
@@ -328,10 +341,13 @@ def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, total: int) -> 
     """A warm-up + cosine (or other timm) schedule over ``total`` optimizer steps.
 
     ``cfg`` is ``{"name": "cosine", "warmup": 0.05, "min_lr_ratio": 0.0}`` (warm-up as a fraction of
-    the run or an absolute count) or any ``_target_`` scheduler config.
+    the run or an absolute count), ``{"name": "onecycle", ...}`` (see :func:`one_cycle`) or any
+    ``_target_`` scheduler config.
     """
     if "_target_" in cfg:
         return hydra.utils.instantiate(cfg, optimizer=optimizer)
+    if cfg.get("name") == "onecycle":
+        return one_cycle(cfg, optimizer, total)
     from timm.scheduler import create_scheduler_v2
 
     name = cfg.get("name", "cosine")
@@ -349,3 +365,23 @@ def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, total: int) -> 
         updates_per_epoch=1,
     )
     return scheduler
+
+
+def one_cycle(cfg: dict, optimizer: torch.optim.Optimizer, total: int) -> Any:
+    """RAFT's and DEQ-Flow's schedule: a linear warm-up over ``warmup`` of the run (``pct_start``,
+    0.05 in the thesis) to the optimizer's lr, then a linear anneal, no momentum cycling.
+
+    ``total`` gets one spare step: OneCycleLR refuses a step past its end, and Lightning steps the
+    scheduler once more than the optimizer in runs that stop at ``max_steps``.
+    """
+    warmup = float(cfg.get("warmup", 0.05))
+    if not 0.0 < warmup < 1.0:
+        raise ValueError(f"task.scheduler.warmup is OneCycle's pct_start, in (0, 1); got {warmup}")
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=[g["lr"] for g in optimizer.param_groups],
+        total_steps=max(1, total) + 1,
+        pct_start=warmup,
+        anneal_strategy=cfg.get("anneal", "linear"),
+        cycle_momentum=False,
+    )
