@@ -81,6 +81,65 @@ def write_text_corpus(root: Path, names: dict[str, str], seed: int = 0) -> Path:
     return root
 
 
+def write_flow_datasets(root: Path, size: tuple[int, int] = (64, 72), seed: int = 0) -> Path:
+    """FlyingChairs, FlyingThings3D, Sintel, KITTI-2015 and HD1K under ``root`` in the thesis's
+    layout (deq_lightning/datamodules/flow.py LAYOUTS): random frames, small random flows, KITTI
+    and HD1K sparse (and 64 x 72, so KITTI's bottom padding is exercised)."""
+    from deq_lightning.datamodules.flow_io import write_flo, write_kitti_png, write_pfm
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+
+    def frame(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+    def flow() -> np.ndarray:
+        return rng.uniform(-3, 3, (h, w, 2)).astype(np.float32)
+
+    def sparse(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_kitti_png(path, flow(), rng.random((h, w)) < 0.5)
+
+    chairs = root / "FlyingChairs_release"
+    for i in (1, 2, 3):
+        frame(chairs / "data" / f"{i:05d}_img1.ppm")
+        frame(chairs / "data" / f"{i:05d}_img2.ppm")
+        write_flo(chairs / "data" / f"{i:05d}_flow.flo", flow())
+    (chairs / "chairs_split.txt").write_text("1\n1\n2\n")
+    things = root / "FlyingThings3D"
+    for split in ("TRAIN", "TEST"):
+        for pass_name in ("clean", "final"):
+            for f in (6, 7):
+                frame(things / f"frames_{pass_name}pass/{split}/A/0000/left/{f:04d}.png")
+        for direction in ("IntoFuture", "IntoPast"):
+            folder = "into_future" if direction == "IntoFuture" else "into_past"
+            for f in (6, 7):
+                path = things / f"optical_flow/{split}/A/0000/{folder}/left"
+                path.mkdir(parents=True, exist_ok=True)
+                pfm = np.dstack([flow(), np.zeros((h, w), np.float32)])
+                write_pfm(path / f"OpticalFlow{direction}_{f:04d}_L.pfm", pfm)
+    sintel = root / "Sintel"
+    for split in ("training", "test"):
+        for pass_name in ("clean", "final"):
+            for f in (1, 2):
+                frame(sintel / split / pass_name / "alley_1" / f"frame_{f:04d}.png")
+    (sintel / "training" / "flow" / "alley_1").mkdir(parents=True)
+    write_flo(sintel / "training" / "flow" / "alley_1" / "frame_0001.flo", flow())
+    kitti = root / "KITTI"
+    for split in ("training", "testing"):
+        for i in (0, 1):
+            for suffix in ("10", "11"):
+                frame(kitti / split / "image_2" / f"{i:06d}_{suffix}.png")
+    for i in (0, 1):
+        sparse(kitti / "training" / "flow_occ" / f"{i:06d}_10.png")
+    hd1k = root / "HD1k"
+    for f in (0, 1):
+        frame(hd1k / "hd1k_input" / "image_2" / f"000000_{f:04d}.png")
+        sparse(hd1k / "hd1k_flow_gt" / "flow_occ" / f"000000_{f:04d}.png")
+    return root
+
+
 TINY_LM = [
     "model.d_model=32",
     "model.n_head=2",
@@ -139,6 +198,28 @@ def overrides_for(experiment: str, tmp: Path) -> list[str]:
             "data.num_workers=0",
             "data.crop_size=[32,64]",
             "data.base_size=64",
+        ]
+    if experiment.startswith("deq_flow_"):
+        # The thesis's B/H widths on 64-px frames (3 correlation levels instead of 4, which
+        # need 128 px); stages run without the previous stage's weights (their loading is
+        # tested in tests/tasks/test_flow.py).
+        root = write_flow_datasets(tmp / "data" / "flow")
+        return [
+            *QUICK,
+            f"data.data_dir={root}",
+            "data.batch_size=2",
+            "data.num_workers=0",
+            "data.crop_size=[64,64]",
+            "model.corr_levels=3",
+            "task.require_init=false",
+        ]
+    if experiment.startswith("flow_"):
+        return [
+            *QUICK,
+            "data.train_size=8",
+            "data.val_size=2",
+            "data.test_size=2",
+            "data.batch_size=2",
         ]
     if experiment.startswith("seg_"):
         return [*QUICK, "data.n_train=32", "data.n_val=8", "data.n_test=8"]

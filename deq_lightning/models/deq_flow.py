@@ -1,0 +1,390 @@
+"""DEQ-Flow (Bai, Geng, Savani & Kolter, CVPR 2022; thesis ch. 7): RAFT's update as a DEQ layer.
+
+RAFT refines optical flow with a fixed number of recurrent updates. DEQ-Flow keeps the update
+operator and solves for its fixed point instead:
+
+* two encoders read the frames at 1/8 resolution: a *feature* encoder (instance norm) for both
+  frames, whose all-pairs correlation volume is pooled into a pyramid (4 levels, radius 4), and a
+  *context* encoder (batch norm, then ReLU) for frame 1, the injection;
+* the state is z = (h, flow): a GRU hidden state and the flow, both at 1/8 resolution;
+* f(h, flow) looks the correlation up around ``pixel + flow``, encodes it with the flow (motion
+  encoder), updates h with a separable (1x5 then 5x1) ConvGRU and adds the flow head's output to
+  the flow. The flow entering f is detached unless ``all_grad`` (as in the thesis: gradients
+  then reach the flow only through the current step's update);
+* the equilibrium flow is upsampled x8 by a convex combination of each coarse pixel's 3x3
+  neighbours, with weights predicted from h.
+
+Training supervises ``n_states`` states along the solver trajectory (*sparse fixed-point
+correction*, :func:`fixed_point_correction_loss`); phantom and implicit gradients are the DEQ
+core's backward modes. The building blocks are torchvision's RAFT modules, reused by import.
+
+Architecture facts (from locuslab/deq-flow ``code.v.2.0/core/deq_flow.py``, ``update.py``,
+``main.py``, ``evaluate.py``; see deq_systems.md §1.6): the hidden state starts at zero, the flow
+at zero; the context encoder outputs ``context_dim`` channels; the flow head is twice the motion
+width (v2). Parameter counts: B (hidden 128) 5.243M and H (256) 13.395M, as deq-flow prints
+them; L (192) 8.67M (v1, whose flow head was capped at 256, had 8.4M).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.interpolate import griddata
+from torch import Tensor, nn
+from torchvision.models.optical_flow.raft import (
+    CorrBlock,
+    FeatureEncoder,
+    FlowHead,
+    MaskPredictor,
+    MotionEncoder,
+    RecurrentBlock,
+    UpdateBlock,
+)
+
+from deq_lightning.deq import DEQ, DEQStats, apply_weight_norm
+
+UPSAMPLE = 8  # both encoders downsample by 8
+MAX_FLOW = 400.0  # pixels with |gt| >= 400 are left out of the loss (deq-flow main.py)
+
+
+@dataclass(frozen=True)
+class FlowSize:
+    """Widths of one model size."""
+
+    encoder: tuple[int, int, int, int]  # encoder stages: stem (1/2), 1/2, 1/4, 1/8
+    feature_dim: int  # feature-encoder output (the correlation features)
+    hidden_dim: int  # GRU hidden state; the context has the same width unless overridden
+    corr_layers: tuple[int, int]  # motion encoder, correlation branch
+    flow_layers: tuple[int, int]  # motion encoder, flow branch
+    motion_dim: int  # motion encoder output
+    flow_head_dim: int
+    mask_dim: int  # hidden width of the upsampling-mask predictor
+
+
+# B/L/H: deq-flow code.v.2.0 (default, --large, --huge). "tiny" is ours, for CPU runs: the
+# motion widths of deq-flow's --tiny with encoders at half width.
+SIZES: dict[str, FlowSize] = {
+    "tiny": FlowSize((32, 32, 48, 64), 64, 32, (64, 48), (32, 16), 32, 64, 64),
+    "B": FlowSize((64, 64, 96, 128), 256, 128, (256, 192), (128, 64), 128, 256, 256),
+    "L": FlowSize((64, 64, 96, 128), 256, 192, (384, 288), (192, 96), 192, 384, 256),
+    "H": FlowSize((64, 64, 96, 128), 256, 256, (512, 384), (256, 128), 256, 512, 256),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes: padding to a multiple of 8, convex upsampling
+# ----------------------------------------------------------------------------------------------
+
+
+class InputPadder:
+    """Replicate-pad images to a multiple of 8 and crop predictions back.
+
+    ``mode="sintel"`` splits the padding evenly on all sides; ``"kitti"`` pads the height at the
+    bottom only (deq-flow ``InputPadder``; KITTI frames are 370-376 px high).
+    """
+
+    def __init__(self, size: Sequence[int], mode: str = "sintel", multiple: int = UPSAMPLE):
+        if mode not in ("sintel", "kitti"):
+            raise ValueError(f"pad mode must be 'sintel' or 'kitti', got {mode!r}")
+        h, w = size[-2:]
+        ph, pw = -h % multiple, -w % multiple
+        top = 0 if mode == "kitti" else ph // 2
+        self.pads = (pw // 2, pw - pw // 2, top, ph - top)  # left, right, top, bottom
+
+    def pad(self, x: Tensor) -> Tensor:
+        return F.pad(x, self.pads, mode="replicate") if any(self.pads) else x
+
+    def unpad(self, x: Tensor) -> Tensor:
+        left, right, top, bottom = self.pads
+        h, w = x.shape[-2:]
+        return x[..., top : h - bottom, left : w - right]
+
+
+def convex_upsample(flow: Tensor, mask: Tensor, factor: int = UPSAMPLE) -> Tensor:
+    """Upsample ``(B, 2, h, w)`` flow to ``(B, 2, h*f, w*f)``.
+
+    Each fine pixel is a convex combination (softmax weights from ``mask``, ``(B, 9*f*f, h, w)``)
+    of the 3x3 coarse neighbours of its coarse pixel; flow vectors are scaled by ``f``.
+    """
+    b, _, h, w = flow.shape
+    weights = torch.softmax(mask.view(b, 1, 9, factor, factor, h, w).float(), dim=2)
+    neighbours = F.unfold(factor * flow.float(), kernel_size=3, padding=1)
+    neighbours = neighbours.view(b, 2, 9, 1, 1, h, w)
+    up = (weights * neighbours).sum(dim=2)  # (b, 2, f, f, h, w)
+    return up.permute(0, 1, 4, 2, 5, 3).reshape(b, 2, h * factor, w * factor)
+
+
+def pixel_grid(h: int, w: int, device: torch.device) -> Tensor:
+    """``(1, 2, h, w)`` pixel coordinates, x first (the order CorrBlock indexes with)."""
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=device, dtype=torch.float32),
+        torch.arange(w, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
+    return torch.stack([xs, ys])[None]
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+class DEQFlow(nn.Module):
+    """DEQ-Flow: ``forward(image1, image2) -> (out, stats)``.
+
+    Images are ``(B, 3, H, W)`` with values in ``[0, pixel_max]`` (255 for the datasets here);
+    any H, W work (replicate-padded to a multiple of 8 inside). ``out`` holds
+
+    * ``flow_preds``: full-resolution flows ``(B, 2, H, W)`` at ``n_states`` states of the
+      solve in training (for the correction loss), only the equilibrium in eval;
+    * ``flow``: the last of them, the prediction;
+    * ``flow_low``: the equilibrium flow at 1/8 of the padded size;
+    * ``state``: the (detached) fixed point ``(h, flow_low)``. Pass it as ``state_init`` for the
+      next frame pair of a sequence (warm start); ``flow_init`` sets only the flow part.
+
+    ``corr_levels`` pyramid levels need inputs of at least ``8 * 2**corr_levels`` pixels per
+    side (128 for 4 levels; use 3 levels for 64-px crops).
+    """
+
+    def __init__(
+        self,
+        size: str = "B",
+        hidden_dim: int | None = None,
+        context_dim: int | None = None,
+        corr_levels: int = 4,
+        corr_radius: int = 4,
+        n_states: int = 1,
+        all_grad: bool = False,
+        weight_norm: bool = True,
+        pixel_max: float = 255.0,
+        deq: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if size not in SIZES:
+            raise ValueError(f"unknown DEQ-Flow size {size!r}; choose one of {sorted(SIZES)}")
+        if n_states < 1:
+            raise ValueError(f"n_states must be >= 1, got {n_states}")
+        spec = SIZES[size]
+        self.size = size
+        self.hidden_dim = hidden_dim or spec.hidden_dim
+        self.context_dim = context_dim or self.hidden_dim
+        self.corr_levels, self.corr_radius = corr_levels, corr_radius
+        self.n_states = n_states
+        self.all_grad = all_grad
+        self.pixel_max = float(pixel_max)
+        self.bn_frozen = False
+
+        self.feature_encoder = FeatureEncoder(
+            layers=(*spec.encoder, spec.feature_dim), norm_layer=nn.InstanceNorm2d
+        )
+        self.context_encoder = FeatureEncoder(
+            layers=(*spec.encoder, self.context_dim), norm_layer=nn.BatchNorm2d
+        )
+        self.update_block = UpdateBlock(
+            motion_encoder=MotionEncoder(
+                in_channels_corr=corr_levels * (2 * corr_radius + 1) ** 2,
+                corr_layers=spec.corr_layers,
+                flow_layers=spec.flow_layers,
+                out_channels=spec.motion_dim,
+            ),
+            recurrent_block=RecurrentBlock(
+                input_size=spec.motion_dim + self.context_dim, hidden_size=self.hidden_dim
+            ),
+            flow_head=FlowHead(in_channels=self.hidden_dim, hidden_size=spec.flow_head_dim),
+        )
+        # The mask logits are scaled by 0.25, as in RAFT (it damps this branch's gradients).
+        self.mask_predictor = MaskPredictor(
+            in_channels=self.hidden_dim, hidden_size=spec.mask_dim, multiplier=0.25
+        )
+        if weight_norm:
+            apply_weight_norm(self.update_block)
+        self.deq = DEQ(**(deq or {}))
+
+    # -- batch norm ------------------------------------------------------------------------------
+
+    def freeze_bn(self, frozen: bool = True) -> DEQFlow:
+        """Keep batch-norm statistics fixed (the thesis does after the Chairs stage).
+
+        The flag survives ``train()`` calls, which Lightning makes at every epoch; the affine
+        parameters still train, as in the thesis.
+        """
+        self.bn_frozen = frozen
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> DEQFlow:
+        super().train(mode)
+        if self.bn_frozen:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        image1: Tensor,
+        image2: Tensor,
+        flow_init: Tensor | None = None,
+        state_init: Sequence[Tensor] | None = None,
+        pad_mode: str = "sintel",
+    ) -> tuple[dict, DEQStats]:
+        self._check_images(image1, image2)
+        padder = InputPadder(image1.shape, pad_mode)
+        x1 = padder.pad(2.0 * image1 / self.pixel_max - 1.0)  # [-1, 1] as in the thesis
+        x2 = padder.pad(2.0 * image2 / self.pixel_max - 1.0)
+        self._check_size(x1)
+
+        fmap1, fmap2 = self.feature_encoder(torch.cat([x1, x2])).chunk(2)
+        corr = CorrBlock(num_levels=self.corr_levels, radius=self.corr_radius)
+        with torch.autocast(x1.device.type, enabled=False):  # correlation in float32
+            corr.build_pyramid(fmap1.float(), fmap2.float())
+        context = torch.relu(self.context_encoder(x1))
+        b, _, h, w = context.shape
+        grid = pixel_grid(h, w, x1.device)
+
+        def f(z: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+            hidden, flow = z
+            if not self.all_grad:
+                flow = flow.detach()
+            corr_features = corr.index_pyramid(grid + flow)
+            hidden, delta = self.update_block(hidden, context, corr_features, flow)
+            return hidden, flow + delta
+
+        z0 = self._initial_state(b, h, w, x1.device, flow_init, state_init)
+        n_states = self.n_states if self.training else 1
+        states, stats = self.deq.trajectory(f, z0, n_states)
+        flow_preds = [
+            padder.unpad(convex_upsample(flow, self.mask_predictor(hidden)))
+            for hidden, flow in states
+        ]
+        hidden, flow_low = states[-1]
+        out = {
+            "flow_preds": flow_preds,
+            "flow": flow_preds[-1],
+            "flow_low": flow_low,
+            "state": (hidden.detach(), flow_low.detach()),
+        }
+        return out, stats
+
+    def _initial_state(
+        self,
+        b: int,
+        h: int,
+        w: int,
+        device: torch.device,
+        flow_init: Tensor | None,
+        state_init: Sequence[Tensor] | None,
+    ) -> tuple[Tensor, Tensor]:
+        if flow_init is not None and state_init is not None:
+            raise ValueError(
+                "pass flow_init or state_init, not both: state_init already holds the flow"
+            )
+        hidden_shape, flow_shape = (b, self.hidden_dim, h, w), (b, 2, h, w)
+        if state_init is not None:
+            if len(state_init) != 2:
+                raise ValueError("state_init must be the (hidden, flow) pair of out['state']")
+            hidden, flow = state_init
+            self._check_shape("state_init hidden", hidden, hidden_shape)
+            self._check_shape("state_init flow", flow, flow_shape)
+            return hidden.detach().float(), flow.detach().float()
+        hidden = torch.zeros(hidden_shape, device=device)
+        if flow_init is None:
+            return hidden, torch.zeros(flow_shape, device=device)
+        self._check_shape("flow_init", flow_init, flow_shape)
+        return hidden, flow_init.detach().float()
+
+    @staticmethod
+    def _check_shape(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but this input needs {shape} "
+                "(1/8 of the padded image size); pass the state of a pair of the same size"
+            )
+
+    @staticmethod
+    def _check_images(image1: Tensor, image2: Tensor) -> None:
+        if image1.dim() != 4 or image1.shape[1] != 3 or image1.shape != image2.shape:
+            raise ValueError(
+                "DEQFlow expects two RGB batches of the same shape (B, 3, H, W); got "
+                f"{tuple(image1.shape)} and {tuple(image2.shape)}"
+            )
+
+    def _check_size(self, x: Tensor) -> None:
+        need = UPSAMPLE * 2**self.corr_levels
+        if min(x.shape[-2:]) < need:
+            raise ValueError(
+                f"DEQFlow with corr_levels={self.corr_levels} needs images of at least "
+                f"{need}x{need} pixels (the coarsest correlation level must keep 2 pixels), got "
+                f"{tuple(x.shape[-2:])}; use larger crops or fewer corr_levels"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and warm start
+# ----------------------------------------------------------------------------------------------
+
+
+def fixed_point_correction_loss(
+    flow_preds: Sequence[Tensor],
+    flow_gt: Tensor,
+    valid: Tensor | None = None,
+    gamma: float = 0.8,
+    max_flow: float = MAX_FLOW,
+) -> Tensor:
+    """Sparse fixed-point correction: ``sum_i gamma**(N-1-i) * mean(mask * |flow_i - gt|_1)``.
+
+    ``flow_preds`` are the N states' flows (the last is the equilibrium, weight 1). ``mask``
+    keeps pixels with ``valid >= 0.5`` and ``|gt| < max_flow``; the mean runs over all pixels
+    and both channels, masked ones counting as zero (deq-flow ``main.py``). The thesis uses
+    gamma 0.8, and 0.9 for Sintel and KITTI fine-tuning.
+    """
+    if not flow_preds:
+        raise ValueError("fixed_point_correction_loss needs at least one flow prediction")
+    mask = torch.linalg.vector_norm(flow_gt, dim=1) < max_flow
+    if valid is not None:
+        mask = mask & (valid >= 0.5)
+    mask = mask[:, None].to(flow_gt.dtype)
+    n = len(flow_preds)
+    return sum(
+        gamma ** (n - 1 - i) * (mask * (pred - flow_gt).abs()).mean()
+        for i, pred in enumerate(flow_preds)
+    )
+
+
+def forward_interpolate(flow: Tensor) -> Tensor:
+    """Carry a ``(B, 2, h, w)`` flow to the next frame: move each vector to where it points and
+    fill every pixel from the nearest moved vector (RAFT's warm start for Sintel sequences)."""
+    out = []
+    for sample in flow.detach().float().cpu().numpy():
+        dx, dy = sample
+        h, w = dx.shape
+        x0, y0 = np.meshgrid(np.arange(w), np.arange(h))
+        x1, y1 = (x0 + dx).ravel(), (y0 + dy).ravel()
+        inside = (x1 > 0) & (x1 < w) & (y1 > 0) & (y1 < h)
+        if not inside.any():
+            out.append(np.zeros_like(sample))
+            continue
+        points = (x1[inside], y1[inside])
+        out.append(
+            np.stack(
+                [griddata(points, d.ravel()[inside], (x0, y0), method="nearest") for d in (dx, dy)]
+            )
+        )
+    return torch.from_numpy(np.stack(out).astype(np.float32)).to(flow.device)
+
+
+__all__ = [
+    "SIZES",
+    "DEQFlow",
+    "FlowSize",
+    "InputPadder",
+    "convex_upsample",
+    "fixed_point_correction_loss",
+    "forward_interpolate",
+    "pixel_grid",
+]

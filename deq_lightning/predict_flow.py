@@ -1,0 +1,234 @@
+"""Optical flow for the user's own frames with a trained flow run (``predict_flow.py``).
+
+Frames come from two (or more) image files, a folder of frames (sorted by name) or a video file;
+each consecutive pair gets ``flo/<name>.flo`` (Middlebury format, what Sintel's server takes) and
+``color/<name>.png`` (the Middlebury colour wheel), ``<name>`` being the first frame's. Along a
+sequence the solver starts from the previous pair's fixed point carried forward by its own flow
+(:func:`~deq_lightning.models.deq_flow.forward_interpolate`): the thesis's warm start, which
+needs fewer solver steps when motion is smooth.
+
+``benchmark=true`` instead writes the submission files of the run's benchmark test sets
+(``data.predict_sets``: Sintel ``.flo`` per pass and scene, KITTI 16-bit PNGs), warm-started
+along Sintel's scenes on one device.
+
+Kept beside :mod:`deq_lightning.run` (it reuses its run lookup and override merging) so that
+tests can call it directly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from PIL import Image
+from torchvision.utils import flow_to_image
+
+from deq_lightning.callbacks.flow import FlowSubmissionWriter
+from deq_lightning.datamodules.flow_io import write_flo
+from deq_lightning.models.deq_flow import forward_interpolate
+from deq_lightning.run import locate_run, merge_overrides, say
+from deq_lightning.tasks.flow import FlowTask
+
+PREDICT_OWN_KEYS = {"input", "output_dir", "warm_start", "device", "max_frames", "benchmark"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class PairResult:
+    """What happened for one frame pair (also written to ``summary.json``)."""
+
+    name: str
+    flo: str
+    color: str
+    warm_start: bool
+    solver_steps: float
+    rel_residual: float
+
+
+# ------------------------------------------------------------------------------ frames
+
+
+def _rgb(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    return np.ascontiguousarray(array[..., :3]).astype(np.uint8)
+
+
+def read_video(path: Path) -> Iterator[np.ndarray]:
+    """Frames of a video file through imageio (pyav / ffmpeg plugins; GIFs need only Pillow)."""
+    try:
+        import imageio.v3 as iio
+
+        frames = iio.imiter(path)
+        first = next(frames)
+    except Exception as e:  # imageio raises a variety of errors when no plugin can decode
+        raise RuntimeError(
+            f"cannot decode the video {path}: {type(e).__name__}: {e}\n"
+            "Install a video backend (pip install av, or pip install imageio-ffmpeg), or extract "
+            f"the frames to a folder (ffmpeg -i {path} frames/%06d.png) and pass input=frames"
+        ) from None
+    yield _rgb(np.asarray(first))
+    for frame in frames:
+        yield _rgb(np.asarray(frame))
+
+
+def frame_source(source: str | Sequence[str]) -> tuple[list[str] | None, Iterator[np.ndarray]]:
+    """``(names, frames)`` of ``input``: a list of image files, a folder or a video file.
+
+    ``names`` is ``None`` for a video (its frames are then named ``frame_000000``, ...).
+    """
+    if isinstance(source, str | Path):
+        path = Path(source).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if len(files) < 2:
+                raise ValueError(
+                    f"input={source}: a folder needs at least 2 frames ({sorted(IMAGE_SUFFIXES)}),"
+                    f" found {len(files)}"
+                )
+        elif path.is_file():
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                raise ValueError(
+                    f"input={source} is a single image; give two: input=[first.png,second.png]"
+                )
+            return None, read_video(path)
+        else:
+            raise FileNotFoundError(f"input={source} does not exist")
+    else:
+        files = [Path(p).expanduser() for p in source]
+        missing = [str(p) for p in files if not p.is_file()]
+        if missing or len(files) < 2:
+            raise ValueError(
+                f"input needs at least two image files; missing: {missing}, given: {len(files)}"
+            )
+    return [p.stem for p in files], (_rgb(np.asarray(Image.open(p).convert("RGB"))) for p in files)
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+def load_flow_task(cfg: DictConfig) -> FlowTask:
+    """The trained task; solver keys given on the command line (``solver.eval_opts.max_iter``)
+    replace the run's when its saved config is there."""
+    run_dir, ckpt = locate_run(cfg)
+    saved = run_dir / ".hydra" / "config.yaml"
+    overrides = {}
+    if saved.is_file():
+        run_cfg = merge_overrides(OmegaConf.load(saved), cfg, skip=PREDICT_OWN_KEYS)
+        task_cls = hydra.utils.get_class(run_cfg.task._target_)
+        if not issubclass(task_cls, FlowTask):
+            raise ValueError(
+                f"{run_dir} is a {task_cls.__name__} run; predict_flow.py needs a flow run"
+            )
+        overrides = {"solver": OmegaConf.to_container(run_cfg.solver, resolve=True)}
+    say(f"loading {ckpt}")
+    return FlowTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True, **overrides)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def to_batch(frame: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(frame).permute(2, 0, 1)[None].float().to(device)
+
+
+# ------------------------------------------------------------------------------ prediction
+
+
+def predict_benchmark(cfg: DictConfig) -> list[Path]:
+    """Submission files for the run's benchmark test sets; returns the files written."""
+    run_dir, _ = locate_run(cfg)
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"benchmark=true needs the run's config {saved}: pass run_dir=")
+    run_cfg = merge_overrides(OmegaConf.load(saved), cfg, skip=PREDICT_OWN_KEYS)
+    datamodule = hydra.utils.instantiate(run_cfg.data, _convert_="all")
+    if not run_cfg.data.get("predict_sets"):
+        raise ValueError(
+            "benchmark=true needs benchmark test sets: a run on data=sintel, kitti or flow_mix "
+            "(or set data.predict_sets=[sintel_test_clean,sintel_test_final] / [kitti_test])"
+        )
+    task = load_flow_task(cfg)
+    out = Path(cfg.output_dir or Path(cfg.paths.output_dir) / "submission")
+    writer = FlowSubmissionWriter(str(out))
+    trainer = hydra.utils.instantiate(
+        run_cfg.trainer, callbacks=[writer], logger=False, _convert_="all"
+    )
+    say(f"predicting {list(run_cfg.data.predict_sets)} with {task.pad_mode} padding")
+    trainer.predict(task, datamodule=datamodule, return_predictions=False)
+    say(f"{len(writer.written)} flow files written to {out.resolve()}")
+    return writer.written
+
+
+@torch.no_grad()
+def predict_flow(cfg: DictConfig) -> list[PairResult] | list[Path]:
+    """Write ``.flo`` and colour PNGs for every consecutive pair of ``cfg.input`` (or, with
+    ``benchmark=true``, the submission files of the run's benchmark test sets)."""
+    if cfg.get("benchmark"):
+        return predict_benchmark(cfg)
+    if not cfg.get("input"):
+        raise ValueError(
+            "predict_flow.py needs input=<folder of frames> | input=<video> | "
+            "input=[first.png,second.png]"
+        )
+    source = cfg.input
+    source = list(source) if isinstance(source, ListConfig | list | tuple) else str(source)
+    names, frames = frame_source(source)
+    device = pick_device(str(cfg.get("device", "auto")))
+    task = load_flow_task(cfg)
+    model = task.model.to(device).eval()
+    out_dir = Path(cfg.output_dir or Path(cfg.paths.output_dir) / "flow")
+    (out_dir / "flo").mkdir(parents=True, exist_ok=True)
+    (out_dir / "color").mkdir(parents=True, exist_ok=True)
+    warm, max_frames = bool(cfg.get("warm_start", True)), cfg.get("max_frames")
+    results: list[PairResult] = []
+    prev, prev_low = None, None
+    for i, frame in enumerate(frames):
+        if max_frames is not None and i >= int(max_frames):
+            break
+        if prev is not None and prev.shape != frame.shape:
+            raise ValueError(
+                f"frame {i} has size {frame.shape[:2]}, frame {i - 1} {prev.shape[:2]}: "
+                "all frames of a sequence must have one size"
+            )
+        if prev is not None:
+            init = forward_interpolate(prev_low) if warm and prev_low is not None else None
+            out, stats = model(
+                to_batch(prev, device), to_batch(frame, device), flow_init=init,
+                pad_mode=task.pad_mode,
+            )  # fmt: skip
+            name = names[i - 1] if names is not None else f"frame_{i - 1:06d}"
+            results.append(write_pair(out_dir, name, out["flow"][0], stats, init is not None))
+            prev_low = out["flow_low"]
+        prev = frame
+    if not results:
+        raise ValueError(f"input={cfg.input}: fewer than 2 frames")
+    (out_dir / "summary.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    steps = np.mean([r.solver_steps for r in results])
+    say(f"{len(results)} flows written to {out_dir.resolve()} (flo/, color/); mean solver steps "
+        f"{steps:.1f}{' with warm start' if warm else ''}")  # fmt: skip
+    return results
+
+
+def write_pair(out_dir: Path, name: str, flow: torch.Tensor, stats, warm: bool) -> PairResult:
+    flo, color = out_dir / "flo" / f"{name}.flo", out_dir / "color" / f"{name}.png"
+    flow = flow.float().cpu()
+    write_flo(flo, flow.permute(1, 2, 0).numpy())
+    Image.fromarray(flow_to_image(flow).permute(1, 2, 0).numpy()).save(color)
+    return PairResult(
+        name=name,
+        flo=str(flo),
+        color=str(color),
+        warm_start=warm,
+        solver_steps=float(stats.forward.nstep.float().mean()),
+        rel_residual=float(stats.forward.rel_res.float().mean()),
+    )
