@@ -61,3 +61,26 @@ def test_train_hypersolver_then_eval_with_it(tmp_path, run_env, capsys):
     # Barely trained, so only: the same accuracy as Anderson at the same budget, within noise.
     assert abs(metrics["test/acc"] - trained["test/acc"]) <= 0.1, (metrics, trained)
     assert metrics["test/fwd_nstep"] <= 12
+
+
+def test_lm_problems_collected_by_the_trainer_can_be_trained_on(tmp_path):
+    """The DEQ-Transformer's f closes over masks and memory made in the evaluation step; they
+    must be usable in the solver's training graph (not inference-mode tensors)."""
+    import hydra
+
+    from deq_lightning.deq.hyper import HyperAndersonNet
+    from deq_lightning.hypersolver import HyperTrainOptions, collect_problems, fit
+
+    cfg = compose_cfg(["experiment=lm_tiny"], tmp_path / "run")
+    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
+    dm.prepare_data()
+    dm.setup("fit")
+    task = hydra.utils.instantiate(cfg.task, _recursive_=False)
+    task.build_for(dm)
+    task.eval().requires_grad_(False)
+    opts = HyperTrainOptions(steps=3, batches=2, holdout=0, ref_max_iter=15, init="pointwise")
+    problems = collect_problems(task, dm, opts)
+    assert len(problems) == 2 and not problems[0].x0.is_inference()
+    net = HyperAndersonNet(problems[0].x0.shape[1], m=opts.m, pool=opts.pool, hidden=opts.hidden)
+    losses = fit(net, problems, opts, 4, log=lambda _: None)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
