@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
-from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 from torchvision.utils import flow_to_image
 
+from deq_lightning.callbacks.images import EvalImages
 from deq_lightning.callbacks.segmentation import to_uint8_image
 from deq_lightning.datamodules.flow_io import write_flo, write_kitti_png
 
@@ -43,7 +43,7 @@ def flow_panel(
     return panel.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else panel
 
 
-class FlowImages(pl.Callback):
+class FlowImages(EvalImages):
     """After each validation epoch (every ``every_n_epochs``) and after testing, log the first
     ``max_images`` pairs of the epoch as frame 1 | predicted flow | true flow.
 
@@ -51,23 +51,6 @@ class FlowImages(pl.Callback):
     as PNGs. The task keeps the pairs in ``flow_examples``
     (:class:`~deq_lightning.tasks.flow.FlowTask`).
     """
-
-    def __init__(
-        self, max_images: int = 4, every_n_epochs: int = 1, save_dir: str | None = None
-    ) -> None:
-        if max_images < 1 or every_n_epochs < 1:
-            raise ValueError("max_images and every_n_epochs must be >= 1")
-        self.max_images, self.every_n_epochs, self.save_dir = max_images, every_n_epochs, save_dir
-
-    @rank_zero_only
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
-            return
-        self.log_flows(trainer, pl_module, "val")
-
-    @rank_zero_only
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.log_flows(trainer, pl_module, "test")
 
     def panels(self, example: tuple[Tensor, ...]) -> list[np.ndarray]:
         images, preds, flows, valids = example
@@ -84,7 +67,7 @@ class FlowImages(pl.Callback):
             for i in range(k)
         ]
 
-    def log_flows(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def log_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         example = getattr(pl_module, "flow_examples", {}).get(stage)
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger | TensorBoardLogger)]
         if example is None or not (loggers or self.save_dir):

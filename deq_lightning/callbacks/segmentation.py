@@ -11,9 +11,9 @@ import pytorch_lightning as pl
 from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
-from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 
+from deq_lightning.callbacks.images import EvalImages
 from deq_lightning.datamodules.segmentation import (
     IGNORE_INDEX,
     colorize,
@@ -53,7 +53,7 @@ def mask_panel(
     return panel.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else panel
 
 
-class SegmentationMasks(pl.Callback):
+class SegmentationMasks(EvalImages):
     """After each validation epoch (every ``every_n_epochs``) and after testing, log the first
     ``max_images`` images of the epoch with their predicted and true masks.
 
@@ -63,24 +63,7 @@ class SegmentationMasks(pl.Callback):
     examples in ``mask_examples`` (see :class:`~deq_lightning.tasks.segmentation.SegmentationTask`).
     """
 
-    def __init__(
-        self, max_images: int = 4, every_n_epochs: int = 1, save_dir: str | None = None
-    ) -> None:
-        if max_images < 1 or every_n_epochs < 1:
-            raise ValueError("max_images and every_n_epochs must be >= 1")
-        self.max_images, self.every_n_epochs, self.save_dir = max_images, every_n_epochs, save_dir
-
-    @rank_zero_only
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
-            return
-        self.log_masks(trainer, pl_module, "val")
-
-    @rank_zero_only
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.log_masks(trainer, pl_module, "test")
-
-    def log_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def log_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         example = getattr(pl_module, "mask_examples", {}).get(stage)
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger | TensorBoardLogger)]
         if example is None or not (loggers or self.save_dir):

@@ -296,7 +296,7 @@ def test_mask_callback_does_nothing_without_image_loggers(tmp_path):
     trainer = SimpleNamespace(
         loggers=[CSVLogger(tmp_path)], datamodule=None, current_epoch=0, global_step=0
     )
-    callback.log_masks(trainer, module, "val")
+    callback.log_stage(trainer, module, "val")
     assert list(tmp_path.iterdir()) == []
 
 
