@@ -9,10 +9,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 import multiprocessing as mp
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -202,3 +207,30 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(headers), sep, *(line(r) for r in cells)])
+
+
+def train_target(experiment: str, threads: int) -> dict:
+    """``train.py experiment=<experiment>`` in a fresh process: wall time and final metrics."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "offline"}
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(root / "train.py"),
+                f"experiment={experiment}",
+                "logger=csv",
+                "trainer.enable_progress_bar=false",
+                f"hydra.run.dir={tmp}/run",
+            ],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"train.py failed:\n{proc.stderr[-3000:]}")
+        metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
+    return {"wall_s": wall, **metrics}

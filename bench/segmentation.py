@@ -27,19 +27,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import markdown_table, peak_memory_mib, timed
+from _common import markdown_table, peak_memory_mib, timed, train_target
 from hydra import compose, initialize_config_dir
 
 from deq_lightning.config import register_schemas
@@ -105,32 +101,6 @@ def throughput(args: argparse.Namespace, mode: str, n: int) -> float:
     return args.batch / statistics.median(times)
 
 
-def train_target(threads: int) -> dict:
-    """``train.py experiment=seg_tiny`` in a fresh process: wall time and final metrics."""
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "offline"}
-        start = time.perf_counter()
-        proc = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "train.py"),
-                "experiment=seg_tiny",
-                "logger=csv",
-                "trainer.enable_progress_bar=false",
-                f"hydra.run.dir={tmp}/run",
-            ],
-            cwd=tmp,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise RuntimeError(f"train.py failed:\n{proc.stderr[-3000:]}")
-        metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
-    return {"wall_s": wall, **metrics}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--experiment", default="seg_tiny", help="whose model to measure")
@@ -187,7 +157,7 @@ def main() -> None:
         "images per second (above 1: MDEQ faster)."
     )
     if args.train:
-        r = train_target(args.threads)
+        r = train_target("seg_tiny", args.threads)
         print(
             f"\n### Target: experiment=seg_tiny ({args.threads} thread(s))\n\n"
             f"wall time {r['wall_s'] / 60:.1f} min (imports, data, 3 epochs, validation, test); "
