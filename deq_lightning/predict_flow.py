@@ -47,8 +47,8 @@ class PairResult:
     flo: str
     color: str
     warm_start: bool
-    solver_steps: float
-    rel_residual: float
+    solver_steps: float | None  # f evaluations run (None: an explicit model such as RAFT)
+    rel_residual: float | None
 
 
 # ------------------------------------------------------------------------------ frames
@@ -213,9 +213,13 @@ def predict_flow(cfg: DictConfig) -> list[PairResult] | list[Path]:
     if not results:
         raise ValueError(f"input={cfg.input}: fewer than 2 frames")
     (out_dir / "summary.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
-    steps = np.mean([r.solver_steps for r in results])
-    say(f"{len(results)} flows written to {out_dir.resolve()} (flo/, color/); mean solver steps "
-        f"{steps:.1f}{' with warm start' if warm else ''}")  # fmt: skip
+    steps = [r.solver_steps for r in results if r.solver_steps is not None]
+    solve = (
+        f"; mean solver steps {np.mean(steps):.1f}{' with warm start' if warm else ''}"
+        if steps
+        else ""
+    )
+    say(f"{len(results)} flows written to {out_dir.resolve()} (flo/, color/){solve}")
     return results
 
 
@@ -229,6 +233,7 @@ def write_pair(out_dir: Path, name: str, flow: torch.Tensor, stats, warm: bool) 
         flo=str(flo),
         color=str(color),
         warm_start=warm,
-        solver_steps=float(stats.forward.nstep.float().mean()),
-        rel_residual=float(stats.forward.rel_res.float().mean()),
+        # An explicit model (RAFT) has no solve to report.
+        solver_steps=float(stats.forward.steps.float().mean()) if stats else None,
+        rel_residual=float(stats.forward.rel_res.float().mean()) if stats else None,
     )

@@ -16,12 +16,14 @@ The task resets the memory at the first batch of every pass over a split (``batc
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import warnings
 from array import array
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +37,26 @@ from deq_lightning.datamodules.common import DatasetLayoutError, per_device_batc
 EOS = "<eos>"
 UNK = "<unk>"
 SPLITS = ("train", "valid", "test")
+# What to do with a valid/test (or prompt) word that the training split never uses.
+UNK_POLICIES = ("error", "map")
 # Bump when tokenisation or the cache format changes: old caches are then ignored.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class UnknownTokenError(ValueError):
-    """A valid/test word that the training split never uses, in a corpus without ``<unk>``."""
+    """A valid/test (or prompt) word that the training split never uses, under
+    ``unk_policy="error"`` (or with no ``<unk>`` to map it to)."""
+
+
+def check_unk_policy(policy: str) -> str:
+    """``policy`` if it is one of :data:`UNK_POLICIES`; a typo must not fall back to a default."""
+    if policy not in UNK_POLICIES:
+        raise ValueError(
+            f"data.unk_policy must be one of {', '.join(map(repr, UNK_POLICIES))}, got {policy!r}: "
+            f"'error' stops at a valid/test word that the training split never uses, 'map' "
+            f"replaces such words with {UNK} (added to the vocabulary if missing)"
+        )
+    return policy
 
 
 # ------------------------------------------------------------------------------------------------
@@ -48,8 +64,44 @@ class UnknownTokenError(ValueError):
 # ------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class UnseenWords:
+    """The words of a text that the training vocabulary lacks: counted, never mapped silently."""
+
+    counts: Counter[str] = field(default_factory=Counter)  # word -> tokens, first seen first
+    first_line: int = 0  # line of the first unseen word (0: none)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def first_word(self) -> str:
+        return next(iter(self.counts))
+
+    def examples(self, n: int = 5) -> list[str]:
+        """The ``n`` most frequent unseen words (ties: first seen first)."""
+        return [w for w, _ in self.counts.most_common(n)]
+
+    def stats(self, n_tokens: int) -> dict:
+        """What ``unk_stats`` records for a split of ``n_tokens`` tokens (``<eos>`` included)."""
+        n = self.tokens
+        return {
+            "unseen_tokens": n,
+            "tokens": n_tokens,
+            "percent": 100.0 * n / n_tokens if n_tokens else 0.0,
+            "unseen_types": len(self.counts),
+            "examples": self.examples(),
+        }
+
+
 class Vocab:
-    """Words <-> ids. Unknown words map to ``<unk>`` when the training split has it."""
+    """Words <-> ids, built from the training split.
+
+    A word that the training split never uses is never mapped to ``<unk>`` silently: encoding
+    counts such words, and ``unk_policy`` says whether they are an error or become ``<unk>``.
+    A literal ``<unk>`` is an ordinary word when the training split has it (WikiText, PTB).
+    """
 
     def __init__(self, words: list[str]) -> None:
         self.words = list(words)
@@ -59,40 +111,70 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.words)
 
-    def encode(self, text: str, where: str = "text") -> Tensor:
-        """Whitespace-separated words -> (N,) LongTensor; each line break becomes ``<eos>``
-        (the inverse of :meth:`decode`: a prompt without a final newline ends mid-sentence)."""
-        ids = array("i")
-        *lines, last = text.split("\n")
+    def with_unk(self) -> Vocab:
+        """This vocabulary with ``<unk>`` appended at the end if missing: training words keep
+        their ids, so the frequency order the adaptive softmax's cutoffs assume still holds."""
+        return self if self.unk is not None else Vocab([*self.words, UNK])
+
+    def _encode_lines(self, lines: Iterable[str], ids: array) -> UnseenWords:
+        """Append each line's ids and ``<eos>`` to ``ids``. Unseen words get ``<unk>``'s id, or
+        ``len(self)`` (the id :meth:`with_unk` gives it) when there is none yet; the caller
+        decides from the returned counts whether that stands."""
+        index, unseen = self.index, UnseenWords()
+        unk = self.unk if self.unk is not None else len(self.words)
         for lineno, line in enumerate(lines, 1):
-            self._encode_line(line, ids, where, lineno)
+            words = line.split()
+            try:
+                ids.extend([index[w] for w in words])
+            except KeyError:
+                for w in words:
+                    if w not in index:
+                        unseen.first_line = unseen.first_line or lineno
+                        unseen.counts[w] += 1
+                ids.extend([index.get(w, unk) for w in words])
             ids.append(0)
-        self._encode_line(last, ids, where, len(lines) + 1)
+        return unseen
+
+    def encode(self, text: str, where: str = "text", unk_policy: str = "error") -> Tensor:
+        """Whitespace-separated words -> (N,) LongTensor; each line break becomes ``<eos>``
+        (the inverse of :meth:`decode`: a prompt without a final newline ends mid-sentence).
+
+        Words the vocabulary lacks raise :class:`UnknownTokenError` naming them, unless
+        ``unk_policy="map"`` and the vocabulary has ``<unk>``: then they become ``<unk>`` with a
+        warning that counts them.
+        """
+        check_unk_policy(unk_policy)
+        ids = array("i")
+        unseen = self._encode_lines(text.split("\n"), ids)
+        ids.pop()  # the last line has no line break after it
+        if unseen.counts:
+            where_first = f"{where}, line {unseen.first_line}"
+            summary = (
+                f"{unseen.tokens} token(s) of words the training split never uses: "
+                f"{', '.join(map(repr, unseen.examples(10)))}"
+            )
+            if unk_policy == "error" or self.unk is None:
+                fix = (
+                    f"set data.unk_policy=map to map them to {UNK}"
+                    if self.unk is not None
+                    else f"the vocabulary has no {UNK} to map them to; use training words only"
+                )
+                raise UnknownTokenError(
+                    f"{where_first}: the word {unseen.first_word!r} never occurs in the training "
+                    f"split ({summary}). Words are never mapped to {UNK} silently: {fix}."
+                )
+            warnings.warn(
+                f"{where}: {summary}; mapped to {UNK} (data.unk_policy=map)", stacklevel=2
+            )
         return torch.tensor(ids, dtype=torch.long)
 
-    def _encode_line(self, line: str, ids: array, where: str, lineno: int) -> None:
-        index = self.index
-        try:
-            ids.extend([index[w] for w in line.split()])
-        except KeyError:
-            if self.unk is None:
-                word = next(w for w in line.split() if w not in index)
-                raise UnknownTokenError(
-                    f"{where}, line {lineno}: the word {word!r} never occurs in the training "
-                    f"split and the vocabulary has no {UNK} to map it to. Word-level corpora "
-                    f"must use only training words in valid/test (WikiText and PTB do); check "
-                    f"that the three files belong to the same corpus and are unmodified."
-                ) from None
-            ids.extend([index.get(w, self.unk) for w in line.split()])
-
-    def encode_file(self, path: Path) -> Tensor:
-        """A text file -> (N,) int32 stream (int32 halves WikiText-103's 103M-token cache)."""
+    def encode_file(self, path: Path) -> tuple[Tensor, UnseenWords]:
+        """A text file -> (N,) int32 stream (int32 halves WikiText-103's 103M-token cache) and
+        its unseen words (encoded as in :meth:`_encode_lines`)."""
         ids = array("i")
         with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                self._encode_line(line, ids, str(path), lineno)
-                ids.append(0)
-        return torch.from_numpy(np.frombuffer(ids, dtype=np.int32))
+            unseen = self._encode_lines(f, ids)
+        return torch.from_numpy(np.frombuffer(ids, dtype=np.int32)), unseen
 
     def decode(self, ids: Tensor | list[int]) -> str:
         """Ids -> text; ``<eos>`` becomes a line break (the inverse of reading a file)."""
@@ -109,6 +191,8 @@ class Vocab:
 class Corpus:
     vocab: Vocab
     splits: dict[str, Tensor]  # split -> (N,) integer token stream
+    # valid/test -> UnseenWords.stats(): the words that the training split never uses
+    unk_stats: dict[str, dict] = field(default_factory=dict)
 
 
 def encode_training_split(path: Path) -> tuple[Vocab, Tensor]:
@@ -134,8 +218,9 @@ def encode_training_split(path: Path) -> tuple[Vocab, Tensor]:
     return Vocab([words[i] for i in order]), torch.from_numpy(rank[raw])
 
 
-def content_hash(paths: list[Path]) -> str:
-    h = hashlib.blake2b(f"lm-corpus-v{CACHE_VERSION}".encode(), digest_size=16)
+def content_hash(paths: list[Path], salt: str = "") -> str:
+    """A digest of the files' bytes and ``salt`` (the options that change the encoded corpus)."""
+    h = hashlib.blake2b(f"lm-corpus-v{CACHE_VERSION}{salt}".encode(), digest_size=16)
     for path in paths:
         with open(path, "rb") as f:
             while chunk := f.read(1 << 22):
@@ -144,28 +229,62 @@ def content_hash(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def load_text_corpus(files: dict[str, Path], cache_dir: Path) -> Corpus:
+def describe_unseen(split: str, stats: dict) -> str:
+    """One line for a split's :meth:`UnseenWords.stats` (logged on every run, cached or not)."""
+    text = (
+        f"{split}: {stats['unseen_tokens']:,} of {stats['tokens']:,} tokens "
+        f"({stats['percent']:.3g}%) are words the training split never uses"
+    )
+    if stats["unseen_types"]:
+        examples = ", ".join(map(repr, stats["examples"]))
+        text += f" ({stats['unseen_types']:,} distinct, e.g. {examples})"
+    return text
+
+
+def load_text_corpus(files: dict[str, Path], cache_dir: Path, unk_policy: str = "error") -> Corpus:
     """Read (or build and cache) the encoded corpus of ``files`` (split -> path).
 
-    The cache is keyed by the files' content, so editing or replacing a file rebuilds it.
+    Valid/test words that the training split never uses raise :class:`UnknownTokenError` under
+    ``unk_policy="error"`` and become ``<unk>`` under ``"map"`` (``<unk>`` is appended to the
+    vocabulary if the training split lacks it); ``Corpus.unk_stats`` counts them either way.
+    The cache is keyed by the files' content and the policy, so editing or replacing a file or
+    changing the policy rebuilds it; it keeps ``unk_stats``, so a cached run reports the same.
     Encoding WikiText-103 takes a few minutes once; later runs load the cache in seconds.
     """
-    cache = cache_dir / f"lm-corpus-{content_hash([files[s] for s in SPLITS])}.pt"
+    check_unk_policy(unk_policy)
+    key = content_hash([files[s] for s in SPLITS], salt=f"unk_policy={unk_policy}")
+    cache = cache_dir / f"lm-corpus-{key}.pt"
     if cache.is_file():
         try:
             saved = torch.load(cache, weights_only=True)
-            return Corpus(Vocab(saved["vocab"]), {s: saved[s] for s in SPLITS})
+            return Corpus(Vocab(saved["vocab"]), {s: saved[s] for s in SPLITS}, saved["unk_stats"])
         except (OSError, RuntimeError, KeyError, EOFError) as e:
             warnings.warn(
                 f"ignoring unreadable corpus cache {cache} ({e}); rebuilding it", stacklevel=2
             )
     vocab, train = encode_training_split(files["train"])
-    splits = {"train": train, **{s: vocab.encode_file(files[s]) for s in ("valid", "test")}}
-    corpus = Corpus(vocab, splits)
+    splits, unseen = {"train": train}, {}
+    for split in ("valid", "test"):
+        splits[split], unseen[split] = vocab.encode_file(files[split])
+    stats = {s: unseen[s].stats(splits[s].numel()) for s in unseen}
+    found = [s for s in unseen if unseen[s].counts]
+    if found and unk_policy == "error":
+        first = unseen[found[0]]
+        raise UnknownTokenError(
+            f"{files[found[0]]}, line {first.first_line}: the word {first.first_word!r} never "
+            f"occurs in the training split ({files['train']}). Counts per split: "
+            f"{'; '.join(describe_unseen(s, stats[s]) for s in unseen)}. Words are never mapped "
+            f"to {UNK} silently: set data.unk_policy=map to map them to {UNK} (added to the "
+            f"vocabulary if missing), or check that the three files belong to the same corpus "
+            f"and are unmodified."
+        )
+    if found:
+        vocab = vocab.with_unk()  # the id encode_file gave unseen words when there was no <unk>
+    corpus = Corpus(vocab, splits, stats)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"vocab": vocab.words, **corpus.splits}, tmp)
+        torch.save({"vocab": vocab.words, **corpus.splits, "unk_stats": stats}, tmp)
         os.replace(tmp, cache)  # atomic: a concurrent reader never sees half a file
     except OSError as e:
         warnings.warn(
@@ -311,11 +430,15 @@ class TextCorpusDataModule(LanguageModelDataModule):
         tgt_len: int = 150,  # wt103_deq_transformer.sh --tgt_len 150
         eval_tgt_len: int | None = None,  # --eval_tgt_len 150 (= tgt_len)
         cache_dir: str | None = None,
+        unk_policy: str = "error",
     ) -> None:
         super().__init__(batch_size, eval_batch_size, tgt_len, eval_tgt_len)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.cache_dir = Path(cache_dir) if cache_dir else self.data_dir
+        self.unk_policy = check_unk_policy(unk_policy)
+        # After setup: valid/test -> UnseenWords.stats() (counts of words unseen in training).
+        self.unk_stats: dict[str, dict] = {}
 
     def layout(self) -> str:
         alternatives = [
@@ -347,10 +470,33 @@ class TextCorpusDataModule(LanguageModelDataModule):
 
     def prepare_data(self) -> None:
         # Runs once per node before setup: builds the cache that every rank then loads.
-        load_text_corpus(self.files(), self.cache_dir)
+        load_text_corpus(self.files(), self.cache_dir, self.unk_policy)
 
     def load_corpus(self) -> Corpus:
-        return load_text_corpus(self.files(), self.cache_dir)
+        corpus = load_text_corpus(self.files(), self.cache_dir, self.unk_policy)
+        self.unk_stats = corpus.unk_stats
+        if getattr(self.trainer, "global_rank", 0) == 0:  # one report per run, not per rank
+            self.report_unseen(corpus)
+        return corpus
+
+    def report_unseen(self, corpus: Corpus) -> None:
+        """Log each split's unseen words on every run (from the cache too): a perplexity over
+        ``<unk>`` tokens is not comparable to one without, so the count must never be hidden."""
+        log = logging.getLogger(__name__)
+        for split, stats in corpus.unk_stats.items():
+            line = f"{self.name} {describe_unseen(split, stats)}"
+            if stats["unseen_tokens"]:
+                log.warning("%s; mapped to %s (data.unk_policy=map)", line, UNK)
+            else:
+                log.info("%s (data.unk_policy=%s)", line, self.unk_policy)
+        if any(s["unseen_tokens"] for s in corpus.unk_stats.values()):
+            log.info(
+                "%s: %s has id %d of a %d-word vocabulary",
+                self.name,
+                UNK,
+                corpus.vocab.unk,
+                len(corpus.vocab),
+            )
 
 
 class WikiText103DataModule(TextCorpusDataModule):

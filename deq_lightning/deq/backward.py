@@ -208,6 +208,7 @@ def unroll(
         abs_res=abs_tr[-1],
         rel_res=rel_tr[-1],
         status=status,
+        steps=torch.full_like(status, steps),
         abs_trace=torch.stack(abs_tr),
         rel_trace=torch.stack(rel_tr),
         nfe=steps,

@@ -170,6 +170,7 @@ class _Monitor:
         self.best_step = torch.zeros(b, dtype=torch.long, device=x0.device)
         self.status = torch.full((b,), int(Status.MAX_ITER), dtype=torch.long, device=x0.device)
         self.active = torch.ones(b, dtype=torch.bool, device=x0.device)
+        self.steps = torch.zeros(b, dtype=torch.long, device=x0.device)
         self.all_active = True
         self.abs_trace: list[Tensor] = []
         self.rel_trace: list[Tensor] = []
@@ -180,6 +181,7 @@ class _Monitor:
         Returns whether any sample is still active.
         """
         gx = fx - x if gx is None else gx
+        self.steps += self.active
         abs_res = torch.linalg.vector_norm(gx, dim=1)
         rel_res = abs_res / (torch.linalg.vector_norm(fx, dim=1) + 1e-9)
         self.abs_trace.append(abs_res)
@@ -228,6 +230,7 @@ class _Monitor:
             abs_res=self.best_abs,
             rel_res=self.best_rel,
             status=self.status,
+            steps=self.steps,
             abs_trace=torch.stack(self.abs_trace),
             rel_trace=torch.stack(self.rel_trace),
             nfe=nfe,

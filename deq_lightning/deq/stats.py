@@ -25,6 +25,9 @@ class SolverStats:
     Per-sample tensors have shape ``(batch,)``; traces have shape ``(steps + 1, batch)`` where row
     ``k`` is the residual of iterate ``k``. ``abs_res``/``rel_res`` are the residuals of the
     *returned* iterate (the lowest one seen), and ``nstep`` is the iteration it was reached at.
+    ``steps`` is how many evaluations of f each sample actually ran before it stopped (converged,
+    frozen or out of budget). The two differ when a solver oscillates: a sample that ran its whole
+    budget but returns an early iterate has ``nstep`` small and ``steps == max_iter``.
     """
 
     solver: str
@@ -35,6 +38,7 @@ class SolverStats:
     abs_res: Tensor
     rel_res: Tensor
     status: Tensor
+    steps: Tensor
     abs_trace: Tensor
     rel_trace: Tensor
     nfe: int
@@ -78,6 +82,7 @@ class SolverStats:
         """Batch means as floats, named ``{prefix}nstep`` etc., ready for a logger."""
         return {
             f"{prefix}nstep": self.nstep.float().mean().item(),
+            f"{prefix}steps": self.steps.float().mean().item(),
             f"{prefix}abs_res": self.abs_res.float().mean().item(),
             f"{prefix}rel_res": self.rel_res.float().mean().item(),
             f"{prefix}converged": self.converged.float().mean().item(),

@@ -128,18 +128,25 @@ class RelativeSelfAttention(nn.Module):
         """(K, d) position embeddings -> (H, K, D) keys; the same for every solver step."""
         return self.pos(pos).view(pos.shape[0], self.n_head, self.d_head).transpose(0, 1)
 
-    def memory_kv(self, mem: Memory) -> Tensor:
-        """(B, M, 2*H*D) keys and values of the memory positions: fixed during a solve, so they
-        are computed once per forward instead of once per solver step."""
-        h = layer_norm(mem.z) if self.pre_lnorm else mem.z
-        return (self.qkv(h) + mem.u)[..., self.n_head * self.d_head :]
+    def memory_kv(self, z: Tensor, u: Tensor | None = None) -> Tensor:
+        """(B, M, 2*H*D) keys and values of the memory positions ``z`` (with their injection
+        ``u``, if any): fixed during a solve, so computed once per forward, not per step."""
+        h = layer_norm(z) if self.pre_lnorm else z
+        kv = self.qkv(h)[..., self.n_head * self.d_head :]
+        return kv if u is None else kv + u[..., self.n_head * self.d_head :]
 
     def forward(
-        self, z: Tensor, injection: Tensor, mem_kv: Tensor, pos_keys: Tensor, mask: Tensor
+        self,
+        z: Tensor,
+        injection: Tensor | None,
+        mem_kv: Tensor,
+        pos_keys: Tensor,
+        mask: Tensor,
     ) -> Tensor:
         (B, L, _), H, D = z.shape, self.n_head, self.d_head
         h = layer_norm(z) if self.pre_lnorm else z
-        q, k, v = (self.qkv(h) + injection).chunk(3, dim=-1)
+        qkv = self.qkv(h)
+        q, k, v = (qkv if injection is None else qkv + injection).chunk(3, dim=-1)
         mem_k, mem_v = mem_kv.chunk(2, dim=-1)
         q = q.view(B, L, H, D).transpose(1, 2)  # (B, H, L, D)
         k = torch.cat([mem_k, k], dim=1).view(B, -1, H, D).transpose(1, 2)  # (B, H, K, D)
@@ -187,7 +194,12 @@ class DEQTransformerLayer(nn.Module):
         self.ff = PositionwiseFF(d_model, d_inner, dropout, pre_lnorm)
 
     def forward(
-        self, z: Tensor, injection: Tensor, mem_kv: Tensor, pos_keys: Tensor, mask: Tensor
+        self,
+        z: Tensor,
+        injection: Tensor | None,
+        mem_kv: Tensor,
+        pos_keys: Tensor,
+        mask: Tensor,
     ) -> Tensor:
         return self.ff(self.attn(z, injection, mem_kv, pos_keys, mask))
 
@@ -310,7 +322,92 @@ class AdaptiveLogSoftmax(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-class DEQTransformerLM(nn.Module):
+class TransformerLM(nn.Module):
+    """What the DEQ-Transformer and its layered twin share: the (adaptive) embedding and tied
+    softmax, the variational input/position/output dropout, the memory length, the input checks
+    and the read-out. Subclasses say how the hidden sequence is computed."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        mem_len: int,
+        eval_mem_len: int | None,
+        dropout: float,
+        adaptive: bool,
+        cutoffs: list[int],
+        div_val: int,
+        d_embed: int | None,
+        tie_weights: bool,
+        init_std: float,
+    ) -> None:
+        super().__init__()
+        cutoffs = list(cutoffs) if adaptive else []
+        check_config(vocab_size, d_model, mem_len, eval_mem_len, cutoffs)
+        self.vocab_size, self.d_model = vocab_size, d_model
+        self.mem_len = mem_len
+        self.eval_mem_len = mem_len if eval_mem_len is None else eval_mem_len
+
+        def embedding() -> AdaptiveEmbedding:
+            d = d_embed or d_model
+            return AdaptiveEmbedding(vocab_size, d, d_model, cutoffs, div_val, init_std)
+
+        self.embedding = embedding()
+        self.softmax = AdaptiveLogSoftmax(self.embedding if tie_weights else embedding())
+        self.input_drop = VariationalDropout(dropout, shared_dims=(1,))
+        self.pos_drop = VariationalDropout(dropout, shared_dims=(0,))
+        self.output_drop = VariationalDropout(dropout, shared_dims=(1,))
+
+    @staticmethod
+    def _init_linear(modules: list[nn.Module], std: float) -> None:
+        for m in modules:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        # The reference draws the relative-attention biases from U(-0.05, 0.05).
+        for m in modules:
+            if isinstance(m, RelativeSelfAttention):
+                for p in (m.r_w_bias, m.r_r_bias):
+                    nn.init.uniform_(p, -0.05, 0.05)
+
+    def _keep(self, old: Tensor, new: Tensor) -> Tensor:
+        """The last ``mem_len`` (``eval_mem_len`` in eval) positions of ``[old; new]``, detached."""
+        keep = self.mem_len if self.training else self.eval_mem_len
+        both = torch.cat([old, new.detach()], 1)
+        return both[:, both.shape[1] - min(keep, both.shape[1]) :]
+
+    def _positions(self, M: int, L: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        return self.pos_drop(sinusoid_positions(M + L, self.d_model, device, dtype))
+
+    def _read_out(self, z: Tensor, targets: Tensor | None, mems: object) -> LMOutput:
+        B, L, _ = z.shape
+        h = self.output_drop(z).reshape(B * L, -1)
+        if targets is None:
+            return LMOutput(None, self.softmax.log_prob(h).view(B, L, -1), z, mems)
+        return LMOutput(self.softmax.nll(h, targets.reshape(-1)).view(B, L), None, z, mems)
+
+    def _check_tokens(self, tokens: Tensor, targets: Tensor | None) -> None:
+        if tokens.dim() != 2 or tokens.dtype != torch.long:
+            raise ValueError(
+                f"tokens must be a (batch, length) LongTensor, got {tuple(tokens.shape)} "
+                f"{tokens.dtype}"
+            )
+        if targets is not None and targets.shape != tokens.shape:
+            raise ValueError(
+                f"targets {tuple(targets.shape)} must have the shape of tokens "
+                f"{tuple(tokens.shape)}"
+            )
+        for name, t in (("tokens", tokens), ("targets", targets)):
+            if t is not None and t.numel() and (t.min() < 0 or t.max() >= self.vocab_size):
+                raise ValueError(
+                    f"{name} hold ids in [{int(t.min())}, {int(t.max())}] but the model's "
+                    f"vocabulary has {self.vocab_size} words; set model.vocab_size to the "
+                    f"data's vocab_size"
+                )
+
+
+class DEQTransformerLM(TransformerLM):
     """Word-level language model whose hidden sequence is the equilibrium of one Transformer-XL
     layer.
 
@@ -346,40 +443,27 @@ class DEQTransformerLM(nn.Module):
         init_std: float = 0.01,  # wt103_deq_transformer.sh --init normal --init_std 0.01
         deq: dict | None = None,
     ) -> None:
-        super().__init__()
-        cutoffs = list(cutoffs) if adaptive else []
-        check_config(vocab_size, d_model, mem_len, eval_mem_len, cutoffs)
-        self.vocab_size, self.d_model = vocab_size, d_model
-        self.mem_len = mem_len
-        self.eval_mem_len = mem_len if eval_mem_len is None else eval_mem_len
-        d_inj = 3 * n_head * d_head
-
-        def embedding() -> AdaptiveEmbedding:
-            d = d_embed or d_model
-            return AdaptiveEmbedding(vocab_size, d, d_model, cutoffs, div_val, init_std)
-
-        self.embedding = embedding()
-        self.softmax = AdaptiveLogSoftmax(self.embedding if tie_weights else embedding())
-        self.input_drop = VariationalDropout(dropout, shared_dims=(1,))
-        self.pos_drop = VariationalDropout(dropout, shared_dims=(0,))
-        self.output_drop = VariationalDropout(dropout, shared_dims=(1,))
-        self.inject = nn.Linear(d_model, d_inj)
+        super().__init__(
+            vocab_size,
+            d_model,
+            mem_len,
+            eval_mem_len,
+            dropout,
+            adaptive,
+            cutoffs,
+            div_val,
+            d_embed,
+            tie_weights,
+            init_std,
+        )
+        self.pre_lnorm = pre_lnorm
+        self.inject = nn.Linear(d_model, 3 * n_head * d_head)
         self.layer = DEQTransformerLayer(
             d_model, n_head, d_head, d_inner, dropout, dropatt, pre_lnorm
         )
-        self._init_weights(init_std)
+        self._init_linear([self.inject, *self.layer.modules()], init_std)
         apply_weight_norm(self.layer)
         self.deq = DEQ(**(deq or {}))
-
-    def _init_weights(self, std: float) -> None:
-        for m in [self.inject, *self.layer.modules()]:
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        # The reference draws the relative-attention biases from U(-0.05, 0.05).
-        for p in (self.layer.attn.r_w_bias, self.layer.attn.r_r_bias):
-            nn.init.uniform_(p, -0.05, 0.05)
 
     def init_memory(self, batch: int, device: torch.device | None = None) -> Memory:
         """Empty memory (M = 0) for ``batch`` new streams."""
@@ -398,47 +482,20 @@ class DEQTransformerLM(nn.Module):
         mems = self.init_memory(B, tokens.device) if mems is None else mems
         u = self.inject(self.input_drop(self.embedding(tokens)))  # (B, L, 3HD)
         M = mems.z.shape[1]
-        pos = self.pos_drop(sinusoid_positions(M + L, self.d_model, tokens.device, u.dtype))
+        pos = self._positions(M, L, tokens.device, u.dtype)
         attn = self.layer.attn
-        pos_keys, mem_kv = attn.position_keys(pos), attn.memory_kv(mems)
+        pos_keys, mem_kv = attn.position_keys(pos), attn.memory_kv(mems.z, mems.u)
         mask = causal_mask(L, M, tokens.device)
 
         def f(z: Tensor) -> Tensor:
             return self.layer(z, u, mem_kv, pos_keys, mask)
 
         z, stats = self.deq(f, torch.zeros(B, L, self.d_model, device=u.device, dtype=u.dtype))
-        new_mems = self._next_memory(mems, z, u)
-        h = self.output_drop(z).reshape(B * L, -1)
-        if targets is None:
-            log_probs = self.softmax.log_prob(h).view(B, L, -1)
-            return LMOutput(None, log_probs, z, new_mems), stats
-        nll = self.softmax.nll(h, targets.reshape(-1)).view(B, L)
-        return LMOutput(nll, None, z, new_mems), stats
-
-    def _next_memory(self, mems: Memory, z: Tensor, u: Tensor) -> Memory:
-        keep = self.mem_len if self.training else self.eval_mem_len
-        z_all, u_all = torch.cat([mems.z, z.detach()], 1), torch.cat([mems.u, u.detach()], 1)
-        start = z_all.shape[1] - min(keep, z_all.shape[1])
-        return Memory(z_all[:, start:], u_all[:, start:])
+        new_mems = Memory(self._keep(mems.z, z), self._keep(mems.u, u))
+        return self._read_out(z, targets, new_mems), stats
 
     def _check_inputs(self, tokens: Tensor, targets: Tensor | None, mems: Memory | None) -> None:
-        if tokens.dim() != 2 or tokens.dtype != torch.long:
-            raise ValueError(
-                f"tokens must be a (batch, length) LongTensor, got {tuple(tokens.shape)} "
-                f"{tokens.dtype}"
-            )
-        if targets is not None and targets.shape != tokens.shape:
-            raise ValueError(
-                f"targets {tuple(targets.shape)} must have the shape of tokens "
-                f"{tuple(tokens.shape)}"
-            )
-        for name, t in (("tokens", tokens), ("targets", targets)):
-            if t is not None and t.numel() and (t.min() < 0 or t.max() >= self.vocab_size):
-                raise ValueError(
-                    f"{name} hold ids in [{int(t.min())}, {int(t.max())}] but the model's "
-                    f"vocabulary has {self.vocab_size} words; set model.vocab_size to the "
-                    f"data's vocab_size"
-                )
+        self._check_tokens(tokens, targets)
         if mems is not None:
             B, d_inj = tokens.shape[0], self.inject.out_features
             z, u = mems
@@ -453,6 +510,108 @@ class DEQTransformerLM(nn.Module):
                     f"B={B} streams, got z {tuple(z.shape)}, u {tuple(u.shape)}; pass the mems "
                     f"returned for the previous segment of the same batch, or None to start"
                 )
+
+
+# ------------------------------------------------------------------------------------------------
+# The layered twin: Transformer-XL
+# ------------------------------------------------------------------------------------------------
+
+
+class LayeredTransformerLM(TransformerLM):
+    """The DEQ-Transformer's explicit twin: ``depth`` copies of the same layer, stacked.
+
+    Transformer-XL exactly as the DEQ-Transformer reuses it: the embedding is the first hidden
+    sequence, each layer (:class:`DEQTransformerLayer`, with no input injection) maps the hidden
+    sequence to the next, and every layer attends to its own memory (its input over the previous
+    ``mem_len`` positions, detached). Width, memory, dropout, weight norm and the (adaptive)
+    softmax are the DEQ's, so the two differ only in depth and weight sharing: give the same
+    config and ``depth``. ``tie_layers=True`` shares one layer's weights across the stack (a
+    weight-tied network unrolled ``depth`` times, with Transformer-XL's per-layer memory).
+
+    ``forward(tokens, targets, mems) -> (LMOutput, None)``; ``mems`` is a tuple of ``depth``
+    tensors (B, M, d).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        n_head: int,
+        d_head: int,
+        d_inner: int,
+        depth: int = 2,
+        tie_layers: bool = False,
+        mem_len: int = 150,
+        eval_mem_len: int | None = None,
+        dropout: float = 0.05,
+        dropatt: float = 0.0,
+        pre_lnorm: bool = False,
+        adaptive: bool = False,
+        cutoffs: list[int] = WT103_CUTOFFS,
+        div_val: int = 4,
+        d_embed: int | None = None,
+        tie_weights: bool = True,
+        init_std: float = 0.01,
+        weight_norm: bool = True,
+    ) -> None:
+        super().__init__(
+            vocab_size,
+            d_model,
+            mem_len,
+            eval_mem_len,
+            dropout,
+            adaptive,
+            cutoffs,
+            div_val,
+            d_embed,
+            tie_weights,
+            init_std,
+        )
+        if depth < 1:
+            raise ValueError(f"model.depth must be >= 1 layer, got {depth}")
+        self.depth, self.pre_lnorm = depth, pre_lnorm
+
+        def layer() -> DEQTransformerLayer:
+            new = DEQTransformerLayer(d_model, n_head, d_head, d_inner, dropout, dropatt, pre_lnorm)
+            self._init_linear(list(new.modules()), init_std)
+            return apply_weight_norm(new) if weight_norm else new
+
+        shared = layer() if tie_layers else None
+        self.layers = nn.ModuleList(shared or layer() for _ in range(depth))
+
+    def init_memory(self, batch: int, device: torch.device | None = None) -> tuple[Tensor, ...]:
+        dtype = self.embedding.tables[0].weight.dtype
+        return tuple(
+            torch.zeros(batch, 0, self.d_model, device=device, dtype=dtype)
+            for _ in range(self.depth)
+        )
+
+    def forward(
+        self,
+        tokens: Tensor,
+        targets: Tensor | None = None,
+        mems: tuple[Tensor, ...] | None = None,
+    ) -> tuple[LMOutput, None]:
+        self._check_tokens(tokens, targets)
+        B, L = tokens.shape
+        mems = self.init_memory(B, tokens.device) if mems is None else tuple(mems)
+        if len(mems) != self.depth or any(
+            m.dim() != 3 or m.shape[0] != B or m.shape[2] != self.d_model for m in mems
+        ):
+            raise ValueError(
+                f"mems must be {self.depth} tensors (B={B}, M, {self.d_model}), one per layer; "
+                "pass the mems returned for the previous segment of the same batch, or None"
+            )
+        z = self.input_drop(self.embedding(tokens))
+        M = mems[0].shape[1]
+        pos = self._positions(M, L, tokens.device, z.dtype)
+        mask = causal_mask(L, M, tokens.device)
+        new_mems = []
+        for layer, mem in zip(self.layers, mems):
+            new_mems.append(self._keep(mem, z))
+            attn = layer.attn
+            z = layer(z, None, attn.memory_kv(mem), attn.position_keys(pos), mask)
+        return self._read_out(z, targets, tuple(new_mems)), None
 
 
 def check_config(

@@ -211,6 +211,11 @@ class MDEQBackbone(nn.Module):
     ``deq`` holds the :class:`~deq_lightning.deq.DEQ` settings (solver, budgets, backward mode).
     The thesis's CIFAR runs use Broyden with 18 forward / 20 backward steps, ``stop_mode="rel"``;
     its ImageNet and Cityscapes runs 26-27 / 27-30 steps, ``"abs"`` (deq_systems.md §1.2-1.3).
+
+    ``depth > 0`` builds the *layered twin* instead: ``depth`` copies of the same layer with
+    their own weights, applied once each from the same zero streams with the same injection,
+    trained by plain backprop (stats ``None``). Everything else (stem, heads, norms) is shared
+    code, so DEQ and layered net differ only in how the layer is used.
     """
 
     def __init__(
@@ -224,11 +229,14 @@ class MDEQBackbone(nn.Module):
         post_gn_affine: bool = False,
         weight_norm: bool = True,
         bn_momentum: float = 0.1,
+        depth: int = 0,
         deq: dict | None = None,
     ) -> None:
         super().__init__()
         if not channels:
             raise ValueError("channels must list at least one stream width, e.g. [24, 24]")
+        if depth < 0:
+            raise ValueError(f"model.depth must be 0 (DEQ) or a number of layers, got {depth}")
         if num_groups < 2:
             raise ValueError(
                 f"num_groups must be >= 2 (the post-fusion GN uses num_groups // 2), "
@@ -240,10 +248,19 @@ class MDEQBackbone(nn.Module):
         self.injection = injection_stem(
             in_channels, self.channels[0], downsample_times, len(self.channels), bn_momentum
         )
-        self.layer = MultiscaleLayer(
-            self.channels, expansion, num_groups, dropout, post_gn_affine, weight_norm
-        )
-        self.deq = DEQ(**(deq or {}))
+
+        def layer() -> MultiscaleLayer:
+            return MultiscaleLayer(
+                self.channels, expansion, num_groups, dropout, post_gn_affine, weight_norm
+            )
+
+        self.depth = depth
+        if depth:
+            self.layers = nn.ModuleList(layer() for _ in range(depth))
+            self.deq = None
+        else:
+            self.layer = layer()
+            self.deq = DEQ(**(deq or {}))
 
     def initial_state(self, injection: Tensor) -> list[Tensor]:
         """Zeros for every stream, each half the size of the one above it."""
@@ -254,8 +271,13 @@ class MDEQBackbone(nn.Module):
             h, w = downsampled(h), downsampled(w)
         return zs
 
-    def forward(self, x: Tensor) -> tuple[list[Tensor], DEQStats]:
+    def forward(self, x: Tensor) -> tuple[list[Tensor], DEQStats | None]:
         u = self.injection(x)
+        if self.depth:
+            zs = self.initial_state(u)
+            for layer in self.layers:
+                zs = layer(zs, u)
+            return list(zs), None
         zs, stats = self.deq(lambda z: self.layer(z, u), self.initial_state(u))
         return list(zs), stats
 
@@ -368,6 +390,7 @@ class MDEQClassifier(nn.Module):
         head_channels: Sequence[int] = (14, 28, 56, 112),
         final_channels: int = 1680,
         bn_momentum: float = 0.1,
+        depth: int = 0,
         deq: dict | None = None,
     ) -> None:
         super().__init__()
@@ -381,6 +404,7 @@ class MDEQClassifier(nn.Module):
             post_gn_affine=post_gn_affine,
             weight_norm=weight_norm,
             bn_momentum=bn_momentum,
+            depth=depth,
             deq=deq,
         )
         self.head = ClassificationHead(
@@ -388,10 +412,10 @@ class MDEQClassifier(nn.Module):
         )
 
     @property
-    def deq(self) -> DEQ:
+    def deq(self) -> DEQ | None:
         return self.backbone.deq
 
-    def forward(self, x: Tensor) -> tuple[Tensor, DEQStats]:
+    def forward(self, x: Tensor) -> tuple[Tensor, DEQStats | None]:
         streams, stats = self.backbone(x)
         return self.head(streams), stats
 
@@ -462,6 +486,7 @@ class MDEQSegmenter(nn.Module):
         weight_norm: bool = True,
         final_conv_kernel: int = 1,
         bn_momentum: float = 0.01,
+        depth: int = 0,
         deq: dict | None = None,
     ) -> None:
         super().__init__()
@@ -479,6 +504,7 @@ class MDEQSegmenter(nn.Module):
             post_gn_affine=post_gn_affine,
             weight_norm=weight_norm,
             bn_momentum=bn_momentum,
+            depth=depth,
             deq=deq,
         )
         self.head = SegmentationHead(
@@ -486,10 +512,10 @@ class MDEQSegmenter(nn.Module):
         )
 
     @property
-    def deq(self) -> DEQ:
+    def deq(self) -> DEQ | None:
         return self.backbone.deq
 
-    def forward(self, x: Tensor) -> tuple[Tensor, DEQStats]:
+    def forward(self, x: Tensor) -> tuple[Tensor, DEQStats | None]:
         streams, stats = self.backbone(x)
         return self.head(streams), stats
 

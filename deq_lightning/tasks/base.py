@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from deq_lightning.deq import DEQStats, deq_override, get_backward, solver_options
 from deq_lightning.deq.backward import IMPLICIT_DEFAULTS
+from deq_lightning.metrics.equilibrium import equilibrium_metrics
 
 STAGES = ("train", "val", "test")
 
@@ -140,6 +141,11 @@ class DEQTask(pl.LightningModule):
         if all(self.hparams.model.get(k) is not None for k in model_from_data or ()):
             self._build_model()
         self.convergence_traces: dict[str, Tensor] = {}
+        # Residual quantiles per logged stage (``val``, or ``val/kitti`` for one of several
+        # evaluation sets), created on first use; their states are not saved in checkpoints.
+        self.equilibrium = nn.ModuleDict()
+        # What "converged" meant in each stage's last solve: solver, tol, stop_mode, max_iter.
+        self.solver_settings: dict[str, dict[str, Any]] = {}
         self._pending: DEQStats | None = None
         self._first_val_batch = False
 
@@ -279,15 +285,73 @@ class DEQTask(pl.LightningModule):
         if prefix is not None:
             kw["add_dataloader_idx"] = False
         stage = prefix or stage
-        metrics = solver_metrics(stats.forward, f"{stage}/fwd_")
+        metrics = solver_metrics(stats.forward, f"{stage}/fwd_", per_sample=False)
         if stats.jac_loss is not None:
             metrics[f"{stage}/jac_loss"] = stats.jac_loss.detach()
         self.log_dict(metrics, **kw)
+        self._log_equilibrium(stats, stage, prefix is not None)
         if train:
             self.log("train/pretraining", float(self.pretraining), on_step=True, on_epoch=False)
             self.log("train/jac_weight", self._jac_weight_now(), on_step=True, on_epoch=False)
         if stats.spectral_radius is not None:
             self.log(f"{stage}/spectral_radius", stats.spectral_radius.mean(), **kw)
+
+    def _log_equilibrium(self, stats: DEQStats, stage: str, own_key: bool) -> None:
+        """Per-sample, per-epoch health of the forward solves (see :func:`equilibrium_metrics`).
+
+        Batch means hide a minority of samples far from their fixed point; the epoch's
+        converged fraction and residual quantiles show them.
+        """
+        if stats.mode == "unrolled":
+            return  # shallow pre-training (or an explicit unrolled net): no equilibrium to judge
+        fwd = stats.forward
+        key = health_key(stage)
+        if key not in self.equilibrium:
+            self.equilibrium[key] = equilibrium_metrics().to(fwd.residual.device)
+        self.solver_settings[stage] = {
+            "solver": fwd.solver,
+            "tol": fwd.tol,
+            "stop_mode": fwd.stop_mode,
+            "max_iter": fwd.max_iter,
+            "mode": stats.mode,
+        }
+        values = {
+            "converged": fwd.converged.float(),
+            "steps": fwd.steps.float(),
+            "res_p50": fwd.residual,
+            "res_p90": fwd.residual,
+            "res_max": fwd.residual,
+        }
+        train = stage == "train"
+        extra = {"add_dataloader_idx": False} if own_key else {}
+        for name, metric in self.equilibrium[key].items():
+            per_step = train and name in ("converged", "steps")
+            if per_step:
+                metric(values[name])  # forward: also the batch's value, for the step log
+            else:
+                metric.update(values[name])
+            self.log(
+                f"{stage}/fwd_{name}",
+                metric,
+                on_step=per_step,
+                on_epoch=True,
+                metric_attribute=f"equilibrium.{key}.{name}",
+                **extra,
+            )
+
+    def equilibrium_stages(self, stage: str) -> list[str]:
+        """The logged names of ``stage``'s solves: ``val``, or ``val/kitti``, ``val/sintel``..."""
+        names = [k.removesuffix("__fwd").replace("__", "/") for k in self.equilibrium]
+        return [n for n in names if n.split("/")[0] == stage]
+
+    def equilibrium_summary(self, stage: str) -> dict[str, Any] | None:
+        """The epoch-so-far health of ``stage``'s solves (all processes) and what "converged"
+        meant there; ``None`` when the stage ran no DEQ. Call it on every process (it syncs)."""
+        key = health_key(stage)
+        if key not in self.equilibrium or not self.equilibrium[key]["converged"].update_called:
+            return None
+        out = {name: float(m.compute()) for name, m in self.equilibrium[key].items()}
+        return {**out, **self.solver_settings.get(stage, {})}
 
     # ------------------------------------------------------------------ optimisation
 
@@ -315,14 +379,29 @@ class DEQTask(pl.LightningModule):
             scheduler.step()
 
 
-def solver_metrics(stats: Any, prefix: str) -> dict[str, Tensor]:
-    """Batch means of a solve's diagnostics as tensors (no host sync per step)."""
-    return {
+def health_key(stage: str) -> str:
+    """A ModuleDict key for a logged stage name (``val/kitti`` -> ``val__kitti__fwd``; bare
+    ``train`` would shadow ``nn.Module.train``)."""
+    return stage.replace("/", "__") + "__fwd"
+
+
+def solver_metrics(stats: Any, prefix: str, per_sample: bool = True) -> dict[str, Tensor]:
+    """Batch means of a solve's diagnostics as tensors (no host sync per step).
+
+    ``nstep`` is the iteration of the returned (lowest-residual) iterate, ``steps`` the
+    evaluations of f actually run: a solver that oscillates shows a small ``nstep`` beside a
+    ``steps`` at the budget. ``per_sample=False`` leaves out ``steps`` and ``converged``, which
+    the task logs per sample over the epoch (:meth:`DEQTask._log_equilibrium`).
+    """
+    out = {
         f"{prefix}nstep": stats.nstep.float().mean(),
         f"{prefix}abs_res": stats.abs_res.float().mean(),
         f"{prefix}rel_res": stats.rel_res.float().mean(),
-        f"{prefix}converged": stats.converged.float().mean(),
     }
+    if per_sample:
+        out[f"{prefix}steps"] = stats.steps.float().mean()
+        out[f"{prefix}converged"] = stats.converged.float().mean()
+    return out
 
 
 def build_model(model: dict, solver: dict | None, backward: dict | None) -> nn.Module:

@@ -18,6 +18,13 @@ from deq_lightning.metrics.language import TokenPerplexity
 from .base import STAGES, DEQTask
 
 
+def streams(mems: Any) -> int:
+    """The batch size a memory was made for (a Memory, or one tensor per layer)."""
+    while not isinstance(mems, Tensor):
+        mems = mems[0]
+    return mems.shape[0]
+
+
 class LanguageModelTask(DEQTask):
     """Metrics: ``{train,val,test}/loss`` (nats/token), ``.../ppl`` (corpus perplexity, exact
     across ranks), ``.../bpt`` (bits per token), ``val/ppl_best`` and, when the data knows its
@@ -33,7 +40,7 @@ class LanguageModelTask(DEQTask):
     def step(self, batch: Any, stage: str) -> Tensor:
         tokens, targets = batch
         mems = self._mems.get(stage)
-        if mems is not None and mems.z.shape[0] != tokens.shape[0]:
+        if mems is not None and streams(mems) != tokens.shape[0]:
             mems = None  # a new set of streams
         out, stats = self.run_model(tokens, targets, mems)
         self._mems[stage] = out.mems

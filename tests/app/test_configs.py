@@ -122,3 +122,30 @@ def test_structured_schema_types(tmp_path):
     assert isinstance(cfg.solver.max_iter, int) and cfg.solver.tol == 1e-5
     with pytest.raises((ValidationError, ConfigKeyError)):
         cfg.solver.max_iter = "x"
+
+
+# Each layered twin config and the experiment whose DEQ it mirrors (vocab for LM models).
+TWINS = [
+    ("cls_digits", "mdeq_digits_layered", {}),
+    ("seg_tiny", "mdeq_seg_tiny_layered", {}),
+    ("lm_tiny", "deq_transformer_tiny_layered", {"vocab_size": 25}),
+    ("lm_small", "deq_transformer_small_layered", {"vocab_size": 10000}),
+    ("flow_tiny", "raft_tiny", {}),
+]
+
+
+@pytest.mark.parametrize("experiment, twin, extra", TWINS)
+def test_layered_twins_compose_and_have_no_solver(experiment, twin, extra, tmp_path):
+    from deq_lightning.tasks.base import build_model
+
+    def build(overrides):
+        cfg = compose_cfg([f"experiment={experiment}", *overrides], tmp_path / "run")
+        model = {**plain(cfg.task.model), **extra}
+        return build_model(model, plain(cfg.task.solver), plain(cfg.task.backward))
+
+    deq, layered = build([]), build([f"model={twin}"])
+    assert any(type(m).__name__ == "DEQ" for m in deq.modules())
+    assert not any(type(m).__name__ == "DEQ" for m in layered.modules())
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    if experiment in ("cls_digits", "lm_small"):  # the bench's pairs: sized to match
+        assert abs(n(layered) / n(deq) - 1) < 0.03, (n(layered), n(deq))

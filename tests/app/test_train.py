@@ -96,13 +96,17 @@ def test_wandb_offline_run_holds_config_and_deq_metrics(tmp_path, monkeypatch):
     train(cfg)
     (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
     config, keys = config_and_history(run_file)
-    assert config["solver"]["name"] == "anderson" and config["solver"]["max_iter"] == 12
+    assert config["solver"]["name"] == "anderson" and config["solver"]["max_iter"] == 20
     assert config["task"]["model"]["_target_"].endswith("MDEQClassifier")
     for key in (
         "train/fwd_nstep_step",
         "train/bwd_nstep_step",
         "val/fwd_nstep",
         "val/fwd_rel_res",
+        "val/fwd_converged",
+        "val/fwd_res_p90",
+        "train/fwd_steps_step",
+        "test/fwd_res_max",
         "test/acc",
         "convergence/_type",
     ):

@@ -1,3 +1,4 @@
+import logging
 import math
 from types import SimpleNamespace
 
@@ -82,18 +83,144 @@ def test_missing_folder_and_files_name_the_layout_and_key(tmp_path):
 
 
 def test_unknown_word_names_file_line_and_token(tmp_path):
-    texts = {**TEXTS, "test": "the cat\n the zebra sat\n"}
+    texts = {**TEXTS, "test": "the cat\n the zebra sat\n zebra gnu\n"}
     root = write(tmp_path, "ptb.{split}.txt", texts)
-    with pytest.raises(UnknownTokenError, match=r"ptb\.test\.txt, line 2: the word 'zebra'"):
+    with pytest.raises(UnknownTokenError, match=r"ptb\.test\.txt, line 2: the word 'zebra'") as err:
+        PTBDataModule(str(root), cache_dir=str(tmp_path / "cache")).setup()
+    msg = str(err.value)
+    assert "data.unk_policy=map" in msg
+    assert "valid: 0 of 4 tokens (0%)" in msg
+    assert "test: 3 of 10 tokens (30%)" in msg and "2 distinct, e.g. 'zebra', 'gnu'" in msg
+    assert not (tmp_path / "cache").exists()  # nothing is cached for a corpus that was refused
+
+
+# A corpus whose training split has <unk> (as WikiText/PTB): a literal <unk> in valid/test is a
+# training word, any other unseen word is still unseen.
+UNK_TEXTS = {**TEXTS, "train": TEXTS["train"] + " <unk> <unk> \n", "valid": " the <unk> \n"}
+UNK_WORDS = [*WORDS[:4], "<unk>", *WORDS[4:]]  # by count: <unk> (2) after "sat" (2)
+
+
+def test_error_policy_refuses_unseen_words_even_when_training_has_unk(tmp_path):
+    root = write(tmp_path / "unk", "ptb.{split}.txt", {**UNK_TEXTS, "test": " the zebra \n"})
+    with pytest.raises(UnknownTokenError, match=r"ptb\.test\.txt, line 1: the word 'zebra'"):
         PTBDataModule(str(root)).setup()
+    clean = PTBDataModule(str(write(tmp_path / "clean", "ptb.{split}.txt", UNK_TEXTS)))
+    clean.setup()  # the literal <unk> of valid is a training word, not an unseen one
+    unk = clean.vocab.index["<unk>"]
+    assert clean.vocab.words == UNK_WORDS and clean.vocab.unk == unk == 4
+    assert clean.corpus.splits["valid"].tolist() == [UNK_WORDS.index("the"), unk, 0]
+    assert clean.unk_stats["valid"]["unseen_tokens"] == 0
 
 
-def test_unknown_word_maps_to_unk_when_the_training_split_has_it(tmp_path):
-    texts = {**TEXTS, "train": TEXTS["train"] + " <unk> cat \n", "test": " the zebra \n"}
-    dm = PTBDataModule(str(write(tmp_path, "ptb.{split}.txt", texts)))
+def unk_records(caplog):
+    return [r for r in caplog.records if r.name == "deq_lightning.datamodules.language"]
+
+
+def test_map_appends_unk_after_the_training_words_and_logs_the_counts(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="deq_lightning.datamodules.language")
+    texts = {**TEXTS, "valid": " the zebra sat gnu \n", "test": " the zebra \n\n"}
+    dm = PTBDataModule(str(write(tmp_path, "ptb.{split}.txt", texts)), unk_policy="map")
     dm.setup()
-    unk = dm.vocab.index["<unk>"]
-    assert dm.corpus.splits["test"].tolist() == [dm.vocab.index["the"], unk, 0]
+    assert dm.vocab.words == [*WORDS, "<unk>"] and dm.vocab.unk == len(WORDS)
+    unk = len(WORDS)
+    clean = PTBDataModule(str(write(tmp_path / "clean", "ptb.{split}.txt")))
+    clean.setup()
+    assert torch.equal(dm.corpus.splits["train"], clean.corpus.splits["train"])  # same ids
+    assert dm.corpus.splits["valid"].tolist() == [*ids("the"), unk, *ids("sat"), unk, 0]
+    assert dm.corpus.splits["test"].tolist() == [*ids("the"), unk, 0, 0]
+    assert dm.unk_stats == {
+        "valid": {
+            "unseen_tokens": 2,
+            "tokens": 5,
+            "percent": 40.0,
+            "unseen_types": 2,
+            "examples": ["zebra", "gnu"],
+        },
+        "test": {
+            "unseen_tokens": 1,
+            "tokens": 4,
+            "percent": 25.0,
+            "unseen_types": 1,
+            "examples": ["zebra"],
+        },
+    }
+    warned = [r.getMessage() for r in unk_records(caplog) if r.levelno == logging.WARNING]
+    assert len(warned) == 2
+    assert "valid: 2 of 5 tokens (40%)" in warned[0] and "'zebra', 'gnu'" in warned[0]
+    assert "test: 1 of 4 tokens (25%)" in warned[1]
+    assert all("mapped to <unk> (data.unk_policy=map)" in m for m in warned)
+
+
+def test_map_uses_the_training_unk_without_growing_the_vocabulary(tmp_path):
+    texts = {**UNK_TEXTS, "test": " the zebra <unk> \n"}
+    dm = PTBDataModule(str(write(tmp_path, "ptb.{split}.txt", texts)), unk_policy="map")
+    dm.setup()
+    assert dm.vocab.words == UNK_WORDS
+    assert dm.corpus.splits["test"].tolist() == [UNK_WORDS.index("the"), 4, 4, 0]
+    assert dm.unk_stats["test"]["unseen_tokens"] == 1  # zebra; the literal <unk> is a word
+    assert dm.unk_stats["test"]["examples"] == ["zebra"]
+    assert dm.unk_stats["valid"]["unseen_tokens"] == 0
+
+
+@pytest.mark.parametrize("policy", ["error", "map"])
+def test_no_unseen_words_are_still_logged_and_recorded(tmp_path, caplog, policy):
+    caplog.set_level(logging.INFO, logger="deq_lightning.datamodules.language")
+    dm = WikiText2DataModule(str(write(tmp_path, "wiki.{split}.tokens")), unk_policy=policy)
+    dm.setup()
+    assert dm.vocab.words == WORDS  # map adds <unk> only when a word needs it
+    zero = {"unseen_tokens": 0, "percent": 0.0, "unseen_types": 0, "examples": []}
+    assert dm.unk_stats == {"valid": {**zero, "tokens": 4}, "test": {**zero, "tokens": 4}}
+    lines = [r.getMessage() for r in unk_records(caplog)]
+    assert (
+        f"WikiText-2 valid: 0 of 4 tokens (0%) are words the training split never uses "
+        f"(data.unk_policy={policy})" in lines
+    )
+    assert any(m.startswith("WikiText-2 test: 0 of 4 tokens (0%)") for m in lines)
+
+
+def test_only_rank_zero_logs_the_unseen_words(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="deq_lightning.datamodules.language")
+    dm = WikiText2DataModule(str(write(tmp_path, "{split}.txt")))
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2)
+    dm.setup()
+    assert not unk_records(caplog) and dm.unk_stats["valid"]["tokens"] == 4
+
+
+def test_cache_is_keyed_by_the_policy_and_keeps_the_counts(tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="deq_lightning.datamodules.language")
+    texts = {**TEXTS, "test": " the zebra \n"}
+    root, cache = write(tmp_path / "data", "{split}.txt", texts), tmp_path / "cache"
+    mapped = WikiText2DataModule(str(root), cache_dir=str(cache), unk_policy="map")
+    mapped.prepare_data()
+    mapped.setup()
+    assert len(list(cache.glob("lm-corpus-*.pt"))) == 1
+    first_run = [r.getMessage() for r in unk_records(caplog)]
+    with pytest.raises(UnknownTokenError, match=r"data\.unk_policy=map"):
+        WikiText2DataModule(str(root), cache_dir=str(cache)).setup()  # not served map's cache
+    caplog.clear()
+
+    def no_reading(*args):
+        raise AssertionError("the cache should have been used")
+
+    with monkeypatch.context() as m:
+        m.setattr(Vocab, "encode_file", no_reading)
+        m.setattr(language, "encode_training_split", no_reading)
+        again = WikiText2DataModule(str(root), cache_dir=str(cache), unk_policy="map")
+        again.setup()
+    assert again.vocab.words == [*WORDS, "<unk>"]
+    assert again.unk_stats == mapped.unk_stats and again.unk_stats["test"]["unseen_tokens"] == 1
+    assert [r.getMessage() for r in unk_records(caplog)] == first_run  # the same report
+    (root / "test.txt").write_text(TEXTS["test"])
+    for policy in ("error", "map"):
+        WikiText2DataModule(str(root), cache_dir=str(cache), unk_policy=policy).setup()
+    assert len(list(cache.glob("lm-corpus-*.pt"))) == 3  # one per (content, policy)
+
+
+def test_bad_unk_policy_is_rejected_at_construction(tmp_path):
+    with pytest.raises(ValueError, match=r"data\.unk_policy must be one of 'error', 'map', got"):
+        PTBDataModule(str(tmp_path / "not yet downloaded"), unk_policy="Map")
+    with pytest.raises(ValueError, match=r"data\.unk_policy"):
+        Vocab(WORDS).encode("the cat", unk_policy="ignore")
 
 
 def test_cache_is_reused_and_keyed_by_content(tmp_path, monkeypatch):
@@ -176,8 +303,21 @@ def test_vocab_encode_decode_round_trip():
     for text in ("the cat sat\nthe dog\n", "the cat\n\nthe dog"):
         assert vocab.decode(vocab.encode(text)) == text
     assert vocab.encode(" the  cat ").tolist() == ids("the", "cat")  # a prompt mid-sentence
-    with pytest.raises(UnknownTokenError, match="prompt, line 1: the word 'zebra'"):
-        vocab.encode("the zebra", where="prompt")
+
+
+def test_unknown_prompt_words_are_named_and_never_mapped_silently():
+    for policy in ("error", "map"):  # no <unk> in the vocabulary: nothing to map to
+        with pytest.raises(UnknownTokenError, match="has no <unk>") as err:
+            Vocab(WORDS).encode("the zebra\ngnu zebra", where="prompt", unk_policy=policy)
+        assert str(err.value).startswith("prompt, line 1: the word 'zebra'")
+        assert "3 token(s) of words the training split never uses: 'zebra', 'gnu'" in str(err.value)
+    vocab = Vocab([*WORDS, "<unk>"])
+    with pytest.raises(UnknownTokenError, match=r"line 2: the word 'gnu'(.|\n)*unk_policy=map"):
+        vocab.encode("the cat\nthe gnu", where="prompt")
+    with pytest.warns(UserWarning, match=r"prompt: 3 token\(s\) of words .*'zebra', 'gnu'"):
+        mapped = vocab.encode("the zebra\ngnu zebra", where="prompt", unk_policy="map")
+    unk = len(WORDS)
+    assert mapped.tolist() == [*ids("the"), unk, 0, unk, unk]
 
 
 # ------------------------------------------------------------------------------------------------

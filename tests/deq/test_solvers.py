@@ -266,3 +266,29 @@ def test_bad_state_structure_is_explained():
         solve(lambda z: z, (torch.zeros(2, 3), torch.zeros(3, 3)))
     with pytest.raises(ValueError, match="f changed the shape of state leaf 0"):
         solve(lambda z: z[:, :2], torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
+def test_steps_run_are_kept_apart_from_the_returned_iterate(solver):
+    # f(z) = -z + 1 swaps two points forever: the first iterate is (one of) the best, so the
+    # returned index stays small while every step of the budget is run.
+    f = lambda z: 1.0 - z  # noqa: E731
+    z0 = torch.full((3, 4), 0.2, dtype=torch.float64)
+    _, stats = solve(f, z0, solver=solver, max_iter=15, tol=1e-8)
+    if solver == "fixed_point":
+        assert (stats.nstep == 1).all()
+        assert (stats.steps == 15).all() and not stats.converged.any()
+    else:  # Anderson solves this linear map in two steps: run and returned agree
+        assert stats.converged.all() and torch.equal(stats.steps, stats.nstep)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_steps_stop_counting_when_a_sample_converges(solver):
+    _, a, b = linear_problem(top=0.5)
+    b[0] = 0.0  # sample 0 starts at its fixed point z* = 0
+    f = lambda z: z @ a.T + b  # noqa: E731
+    _, stats = solve(f, torch.zeros_like(b), solver=solver, max_iter=100, tol=1e-8)
+    assert stats.converged.all()
+    assert stats.steps[0] == 1 and (stats.steps[1:] > 1).all()
+    assert (stats.steps >= stats.nstep).all()
+    assert int(stats.steps.max()) == stats.nfe

@@ -183,7 +183,7 @@ def overrides_for(experiment: str, tmp: Path) -> list[str]:
         splits = {s: f"wiki.{s}.tokens" for s in ("train", "valid", "test")}
         write_text_corpus(tmp / "data" / "wiki", splits)
         return [*QUICK, *TINY_LM, f"data.data_dir={tmp / 'data' / 'wiki'}"]
-    if experiment.startswith("ptb"):
+    if experiment.startswith("ptb") or experiment == "lm_small":  # lm_small reads PTB files
         write_text_corpus(
             tmp / "data" / "ptb", {s: f"ptb.{s}.txt" for s in ("train", "valid", "test")}
         )

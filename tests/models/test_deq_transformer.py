@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from deq_lightning.deq import deq_override, has_weight_norm
-from deq_lightning.models.deq_transformer import DEQTransformerLM, Memory, rel_shift
+from deq_lightning.models.deq_transformer import (
+    DEQTransformerLayer,
+    DEQTransformerLM,
+    LayeredTransformerLM,
+    Memory,
+    rel_shift,
+)
 
 V = 50
 FAST = {"solver_opts": {"max_iter": 12}, "backward_opts": {"max_iter": 12}}
@@ -184,3 +190,59 @@ def test_bad_inputs_raise_clear_errors():
         tiny(adaptive=True)  # the WikiText-103 cutoffs do not fit 50 words
     with pytest.raises(ValueError, match="d_embed"):
         tiny(adaptive=True, cutoffs=[10, 20, 30, 40], div_val=4, d_embed=32)
+
+
+# ------------------------------------------------------------------------------------------------
+# The layered twin (Transformer-XL)
+# ------------------------------------------------------------------------------------------------
+
+
+def layered(**kw) -> LayeredTransformerLM:
+    args = dict(vocab_size=V, d_model=32, n_head=2, d_head=16, d_inner=64, mem_len=16, depth=3)
+    return LayeredTransformerLM(**{**args, **kw})
+
+
+def test_layered_twin_stacks_the_deq_layer_with_its_own_weights():
+    deq, twin = tiny(), layered()
+    shapes = {k: v.shape for k, v in deq.layer.state_dict().items()}
+    assert len(twin.layers) == 3
+    for layer in twin.layers:
+        assert type(layer) is DEQTransformerLayer
+        assert {k: v.shape for k, v in layer.state_dict().items()} == shapes
+        assert has_weight_norm(layer.attn.qkv)
+    # Same embedding / softmax layout: only the equilibrium layer (and its injection) differ.
+    outer = lambda m: {k: v.shape for k, v in m.state_dict().items() if "layer" not in k}  # noqa: E731
+    assert outer(twin) == {k: v for k, v in outer(deq).items() if not k.startswith("inject")}
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(layered(tie_layers=True)) == n(layered(depth=1))
+    assert n(layered()) == n(layered(depth=1)) + 2 * n(deq.layer)
+
+
+def test_layered_twin_with_memory_equals_the_joint_sequence():
+    model = layered(dropout=0.0, init_std=0.1).double().eval()
+    x = tokens(L=12, seed=5)
+    joint = model(x)[0].log_probs
+    first = model(x[:, :5])[0]
+    second = model(x[:, 5:], mems=first.mems)[0]
+    assert len(first.mems) == 3 and first.mems[0].shape == (2, 5, 32)
+    torch.testing.assert_close(torch.cat([first.log_probs, second.log_probs], 1), joint)
+    # The memory holds what each layer saw: the embedding for the first, not for the others.
+    assert not torch.allclose(first.mems[0], first.mems[1])
+
+
+def test_layered_twin_trains_every_layer_and_reports_no_solve():
+    model = layered()
+    x = tokens()
+    out, stats = model(x, x)
+    assert stats is None
+    out.nll.mean().backward()
+    for layer in model.layers:
+        assert layer.ff.ff1.weight_v.grad.abs().sum() > 0
+
+
+def test_layered_twin_checks_its_memory():
+    model = layered()
+    with pytest.raises(ValueError, match="one per layer"):
+        model(tokens(), mems=(torch.zeros(2, 3, 32),))
+    with pytest.raises(ValueError, match=r"model\.depth"):
+        layered(depth=0)

@@ -204,3 +204,47 @@ def test_bad_sizes_are_explained():
         tiny(2, head_channels=[2])
     with pytest.raises(ValueError, match="at least one stream"):
         tiny(2, channels=[])
+
+
+# ----------------------------------------------------------------------------------------------
+# The layered twin
+# ----------------------------------------------------------------------------------------------
+
+
+def test_layered_twin_stacks_the_same_layer_with_its_own_weights():
+    deq, layered = tiny(), tiny(depth=3)
+    assert layered.deq is None and len(layered.backbone.layers) == 3
+    shapes = {k: v.shape for k, v in deq.backbone.layer.state_dict().items()}
+    for layer in layered.backbone.layers:
+        assert type(layer) is type(deq.backbone.layer)
+        assert {k: v.shape for k, v in layer.state_dict().items()} == shapes
+    a, b = layered.backbone.layers[0], layered.backbone.layers[1]
+    assert a.blocks[0].conv1.weight_v.data_ptr() != b.blocks[0].conv1.weight_v.data_ptr()
+    # Stem and head are the DEQ's: the state dicts differ only in the layer part.
+    head = lambda m: {k for k in m.state_dict() if ".layer" not in k}  # noqa: E731
+    assert head(deq) == head(layered)
+
+
+def test_layered_twin_applies_each_layer_once_and_trains_them_all():
+    model = tiny(depth=2)
+    x = torch.randn(3, 1, 8, 8)
+    logits, stats = model(x)
+    assert stats is None and logits.shape == (3, 3)
+    logits.sum().backward()
+    for layer in model.backbone.layers:
+        assert layer.fusion.post[0][1].weight_v.grad.abs().sum() > 0
+    # The first layer sees zero streams (as the DEQ's first step does): its first convs get no
+    # gradient; every later layer's do.
+    assert model.backbone.layers[1].blocks[0].conv1.weight_v.grad.abs().sum() > 0
+    # Layer by layer by hand, from zero streams with the injection each time.
+    model.eval()
+    u = model.backbone.injection(x)
+    zs = model.backbone.initial_state(u)
+    for layer in model.backbone.layers:
+        zs = layer(zs, u)
+    torch.testing.assert_close(model.head(zs), model(x)[0])
+
+
+def test_layered_twin_depth_is_validated():
+    with pytest.raises(ValueError, match=r"model\.depth"):
+        tiny(depth=-1)

@@ -1,0 +1,107 @@
+"""The equilibrium health signal and its warning, on real Lightning runs of known DEQs."""
+
+import logging
+
+import pytest
+import pytorch_lightning as pl
+
+from deq_lightning.callbacks.equilibrium import EquilibriumMonitor, describe, remedies
+from deq_lightning.datamodules.classification import DigitsDataModule
+from deq_lightning.tasks.classification import ClassificationTask
+
+
+def task_for(gain: float, **schedule) -> ClassificationTask:
+    model = {
+        "_target_": "tests.helpers.models.LinearDEQClassifier",
+        "in_features": 64,
+        "num_classes": 10,
+        "gain": gain,
+        "deq": {"solver": "fixed_point", "solver_opts": {"max_iter": 30, "tol": 1e-4}},
+    }
+    return ClassificationTask(num_classes=10, model=model, **schedule)
+
+
+def fit_and_test(task, tmp_path, monitor: EquilibriumMonitor) -> pl.Trainer:
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        limit_test_batches=2,
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    dm = DigitsDataModule(batch_size=32)
+    trainer.fit(task, datamodule=dm)
+    trainer.fit_metrics = dict(trainer.callback_metrics)
+    trainer.test(task, datamodule=dm)
+    return trainer
+
+
+def test_warning_fires_on_a_divergent_deq(tmp_path, caplog):
+    monitor = EquilibriumMonitor(min_converged=0.9)
+    with caplog.at_level(logging.WARNING, logger="deq_lightning"):
+        trainer = fit_and_test(task_for(gain=1.5), tmp_path, monitor)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    train_warnings = [w for w in warnings if "DEQ not at equilibrium" in w and "train:" in w]
+    val_warnings = [w for w in warnings if "DEQ not at equilibrium" in w and "val:" in w]
+    # Once per stage and kind, although both epochs were unconverged.
+    assert len(train_warnings) == 1 and len(val_warnings) == 1
+    assert "task.jac_loss_weight" in val_warnings[0] and "solver.damping" in val_warnings[0]
+    assert any(w.startswith("NOT at equilibrium. test:") for w in warnings)
+    assert trainer.callback_metrics["test/fwd_converged"] == 0.0
+    assert trainer.callback_metrics["test/fwd_res_p50"] > 1e-4
+
+
+def test_no_warning_on_a_healthy_deq(tmp_path, caplog):
+    monitor = EquilibriumMonitor(min_converged=0.9)
+    with caplog.at_level(logging.INFO, logger="deq_lightning"):
+        trainer = fit_and_test(task_for(gain=0.5), tmp_path, monitor)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(r.getMessage().startswith("equilibrium held. test:") for r in caplog.records)
+    metrics = trainer.callback_metrics
+    assert metrics["test/fwd_converged"] == 1.0 and trainer.fit_metrics["val/fwd_converged"] == 1.0
+    assert metrics["test/fwd_res_max"] < 1e-4
+    # f evaluations run per sample, apart from the returned iterate's index.
+    assert (
+        1 < metrics["test/fwd_steps"] < 30
+        and metrics["test/fwd_nstep"] <= metrics["test/fwd_steps"]
+    )
+
+
+def test_trend_warning_needs_a_sustained_rise():
+    monitor = EquilibriumMonitor(trend_patience=3, trend_factor=1.5)
+    assert not monitor._trending_up([1e-3, 1.1e-3, 1.2e-3])  # too short
+    assert not monitor._trending_up([1e-3, 1.1e-3, 1.2e-3, 1.3e-3])  # rising, but by < 1.5x
+    assert not monitor._trending_up([1e-3, 2e-3, 4e-3, 3e-3])  # not rising every epoch
+    assert monitor._trending_up([1e-3, 1.3e-3, 1.8e-3, 2.5e-3])
+
+
+def test_monitor_state_survives_a_checkpoint():
+    monitor = EquilibriumMonitor()
+    monitor.warned.add("val:converged")
+    monitor.history["val"] = [1e-3, 2e-3]
+    other = EquilibriumMonitor()
+    other.load_state_dict(monitor.state_dict())
+    assert other.warned == {"val:converged"} and other.history == {"val": [1e-3, 2e-3]}
+
+
+def test_bad_monitor_settings_rejected():
+    with pytest.raises(ValueError, match="min_converged"):
+        EquilibriumMonitor(min_converged=90)
+    with pytest.raises(ValueError, match="stages"):
+        EquilibriumMonitor(stages=["test"])
+
+
+def test_remedies_follow_the_config():
+    task = task_for(gain=0.5, jac_loss_weight=0.7, max_iter_jitter=2)
+    summary = {"solver": "broyden", "max_iter": 10}
+    text = "; ".join(remedies(task, summary))
+    assert "now 0.7" in text and "solver.max_iter=20" in text and "solver=anderson" in text
+    assert "max_iter_jitter" not in text
+    line = describe("val", {"converged": 0.5, "res_p50": 1e-3, "res_p90": 1e-2, "res_max": 0.1,
+                             "steps": 9.5, "tol": 1e-3, "stop_mode": "rel", "max_iter": 10})  # fmt: skip
+    assert line.startswith("val: 50.0% of samples at their fixed point (rel residual < 0.001")
