@@ -192,9 +192,20 @@ def step_peak_mib(run_dir: Path, threads: int) -> float | None:
 # ----------------------------------------------------------------------------------------------
 
 
+# --quick: a smoke run of the whole pipeline (a few batches per stage), not a measurement.
+QUICK = [
+    "trainer.max_epochs=1",
+    "trainer.max_steps=6",
+    "+trainer.limit_train_batches=6",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+    "task.pretrain_steps=2",
+]
+
+
 def family_overrides(name: str, args: argparse.Namespace) -> list[str]:
     fam = FAMILIES[name]
-    out = [f"experiment={fam.experiment}", f"seed={args.seed}"]
+    out = [f"experiment={fam.experiment}", f"seed={args.seed}", *(QUICK if args.quick else [])]
     if name == "lm":
         if not args.lm_data_dir:
             raise SystemExit(
@@ -391,6 +402,7 @@ def main() -> None:
     ap.add_argument("--lm-data-dir", default=None, help="a word-level corpus folder (lm family)")
     ap.add_argument("--lm-data", default="ptb", choices=["ptb", "wikitext2", "wikitext103"])
     ap.add_argument("--ablate", action="store_true", help="also the DEQ without its ingredients")
+    ap.add_argument("--quick", action="store_true", help="a smoke run of a few batches")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
