@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,9 +144,15 @@ def history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def count_params(run_dir: Path) -> int:
+    """Parameters of the trained model, each tensor once (a tied embedding and softmax share one:
+    ``torch.load`` keeps the storage sharing that ``state_dict`` lists twice)."""
     ckpt = next(iter(sorted((run_dir / "checkpoints").glob("*.ckpt"))))
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    return sum(v.numel() for k, v in state.items() if k.startswith("model.") and _is_param(k))
+    seen: dict[int, int] = {}
+    for k, v in state.items():
+        if k.startswith("model.") and _is_param(k):
+            seen[v.untyped_storage().data_ptr()] = v.numel()
+    return sum(seen.values())
 
 
 def _is_param(key: str) -> bool:
@@ -172,6 +179,8 @@ def prepare_train_step(run_dir: str, threads: int) -> callable:
     task.schedule.pretrain_steps = 0
     task.schedule.jac_loss_weight = 0.0
     task.train()
+    # The step runs without a Trainer: its metric logging is a no-op, not a problem.
+    warnings.filterwarnings("ignore", message=r".*self\.log\(\).*trainer.*")
     batch = next(iter(dm.train_dataloader()))
 
     def step() -> None:

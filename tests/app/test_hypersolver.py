@@ -50,17 +50,18 @@ def test_train_hypersolver_then_eval_with_it(tmp_path, run_env, capsys):
     assert weights == run_dir / "hyperanderson.pt"
     blob = torch.load(weights, weights_only=True)
     assert blob["config"]["dim"] == 16 * 8 * 8 + 16 * 4 * 4  # the digits MDEQ's two streams
-    assert blob["meta"]["unroll"] == 12  # the run's forward budget (cls_digits)
+    budget = cfg.solver.eval_opts.max_iter  # the run's evaluation budget (cls_digits: 30)
+    assert blob["meta"]["unroll"] == budget
     usage = f"python eval.py run_dir={run_dir} solver=hyperanderson solver.path={weights}"
     assert usage in capsys.readouterr().out
 
-    solver = ["solver=hyperanderson", f"solver.path={weights}", "solver.max_iter=12"]
+    solver = ["solver=hyperanderson", f"solver.path={weights}", f"solver.max_iter={budget}"]
     run_script("eval.py", [f"run_dir={run_dir}", *solver], run_env, tmp_path)
     (eval_run,) = (tmp_path / "logs" / "eval" / "runs").iterdir()
     metrics = json.loads((eval_run / "metrics.json").read_text())
     # Barely trained, so only: the same accuracy as Anderson at the same budget, within noise.
     assert abs(metrics["test/acc"] - trained["test/acc"]) <= 0.1, (metrics, trained)
-    assert metrics["test/fwd_nstep"] <= 12
+    assert metrics["test/fwd_nstep"] <= budget
 
 
 def test_lm_problems_collected_by_the_trainer_can_be_trained_on(tmp_path):

@@ -23,7 +23,7 @@ def test_short_training_on_the_embedded_set_beats_chance(tmp_path):
     metrics = train(cfg)
     # Chance: predicting background everywhere gives IoU ~0.85 for it and 0 for the 5 digits,
     # mIoU ~0.14.
-    assert metrics["test/miou"] > 0.45, metrics
+    assert metrics["test/miou"] > 0.4, metrics
     assert 0.0 <= metrics["test/miou"] <= 1.0 and metrics["val/miou"] > 0.3
     assert metrics["test/iou_background"] > 0.9
 
