@@ -25,6 +25,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
+from torchmetrics import MaxMetric, MinMetric
 
 from deq_lightning.deq import DEQStats, deq_override, get_backward, solver_options
 from deq_lightning.deq.backward import IMPLICIT_DEFAULTS
@@ -268,7 +269,20 @@ class DEQTask(pl.LightningModule):
     def on_after_backward(self) -> None:
         stats, self._pending = self._pending, None
         if stats is not None and stats.backward is not None:
-            self.log_dict(solver_metrics(stats.backward, "train/bwd_"), on_step=True, on_epoch=True)
+            self.log_train(solver_metrics(stats.backward, "train/bwd_"))
+
+    def log_train(self, metrics: dict[str, Tensor], batch_size: int | None = None) -> None:
+        """Training diagnostics under DDP: ``<key>_step`` is this process's batch value (rank 0's
+        in the loggers: no collective per step); ``<key>_epoch`` is the mean over every rank's
+        batches (one reduction per epoch)."""
+        self.log_dict({f"{k}_step": v for k, v in metrics.items()}, on_step=True, on_epoch=False)
+        self.log_dict(
+            {f"{k}_epoch": v for k, v in metrics.items()},
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=batch_size,
+        )
 
     def log_deq(
         self, stats: DEQStats | None, stage: str, batch_size: int, prefix: str | None = None
@@ -286,7 +300,12 @@ class DEQTask(pl.LightningModule):
             kw["add_dataloader_idx"] = False
         stage = prefix or stage
         metrics = solver_metrics(stats.forward, f"{stage}/fwd_", per_sample=False)
+        if train:
+            self.log_train(metrics, batch_size)
+            metrics = {}
         if stats.jac_loss is not None:
+            # Only the steps that draw a Jacobian step have it (so it may be missing on some
+            # ranks): in training, rank 0's value.
             metrics[f"{stage}/jac_loss"] = stats.jac_loss.detach()
         self.log_dict(metrics, **kw)
         self._log_equilibrium(stats, stage, prefix is not None)
@@ -377,6 +396,25 @@ class DEQTask(pl.LightningModule):
             scheduler.step_update(num_updates=self.global_step)
         else:
             scheduler.step()
+
+    # ------------------------------------------------------------------ resuming
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the running metric bests (``val/acc_best``: torchmetrics Max/MinMetric, whose
+        states are not in ``state_dict``), so that a resumed run continues them. The DEQ schedule
+        (pre-training switch, Jacobian weight) needs nothing: it follows from the step and epoch
+        counters Lightning restores."""
+        checkpoint["metric_bests"] = {
+            name: next(iter(m.metric_state.values())).detach().cpu()
+            for name, m in self.named_modules()
+            if isinstance(m, MaxMetric | MinMetric) and m.update_called
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for name, value in checkpoint.get("metric_bests", {}).items():
+            metric = self.get_submodule(name)
+            metric.reset()
+            metric.update(value.to(metric.device))
 
 
 def health_key(stage: str) -> str:

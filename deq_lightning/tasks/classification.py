@@ -55,9 +55,9 @@ class ClassificationTask(DEQTask):
         return self.add_jac_loss(loss, stats)
 
     def on_train_start(self) -> None:
-        # Sanity-check batches must not count towards the best validation accuracy.
+        # Sanity-check batches must not count towards the best validation accuracy (the best
+        # itself is never updated while sanity checking, and a resumed run keeps it).
         self.metrics["val_acc"].reset()
-        self.val_acc_best.reset()
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

@@ -87,6 +87,14 @@ class LanguageModelTask(DEQTask):
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["best_val_ppl"] = self.best_val_ppl  # val/ppl_best survives a resume
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.best_val_ppl = float(checkpoint.get("best_val_ppl", math.inf))
+
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test")
 
