@@ -3,6 +3,8 @@
     OMP_NUM_THREADS=1 python bench/solvers.py            # full run (~10 min on one CPU thread)
     OMP_NUM_THREADS=1 python bench/solvers.py --quick    # small sizes, a smoke test
     python bench/solvers.py --device cuda
+    OMP_NUM_THREADS=1 python bench/solvers.py --compaction --out reports/compaction.json
+                                                          # batch compaction on vs off only
 
 Prints Markdown to stdout (progress goes to stderr). On seeded problems it reports, per solver,
 the function evaluations (NFE) to reach the tolerance, the final residual, the solve time and
@@ -33,12 +35,14 @@ import copy
 import functools
 import importlib
 import itertools
+import json
 import math
 import os
 import platform
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from _common import Probe, markdown_table, peak_memory_mib, rel_err, timed
@@ -589,6 +593,147 @@ def targets(results: list[ProblemResults], have_td: bool) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Batch compaction: a batch of mixed difficulty, compact on vs off
+# ----------------------------------------------------------------------------------------------
+
+# Per-sample gains of the conv cell: the hard half keeps the problem's gain (0.7), the easy half
+# gets one at which every solver needs about a third of the hard half's evaluations.
+HARD_GAIN, EASY_GAIN = 0.7, 0.05
+COMPACT_SOLVERS = ("anderson", "broyden", "fixed_point")
+
+
+class MixedConvCell(ConvCell):
+    """The conv cell with one gain per sample (``gain`` of shape (B,))."""
+
+    def forward(self, z: Tensor, x: Tensor, gain: Tensor) -> Tensor:
+        h = torch.relu(self.norm1(self.conv1(z)))
+        g = gain[:, None, None, None]
+        return self.norm3(torch.relu(z + g * self.norm2(self.conv2(h)) + x))
+
+
+def mixed_problem(quick: bool, device: torch.device) -> tuple[Callable, Tensor]:
+    """The seeded conv problem of :func:`build_problem` with an easy half and a hard half.
+
+    Returns an f that opts in to compaction (it index-selects the injection and the gains) and
+    the starting state.
+    """
+    torch.manual_seed(SEED + PROBLEMS.index("conv"))
+    b, c, hw = (4, 16, 8) if quick else (16, 32, 32)
+    cell = MixedConvCell(c).to(device)
+    x = torch.randn(b, c, hw, hw, device=device)
+    gain = torch.tensor([EASY_GAIN, HARD_GAIN] * (b // 2), device=device)
+
+    def f(z: Tensor, index: Tensor | None = None) -> Tensor:
+        if index is None:
+            return cell(z, x, gain)
+        return cell(z, x[index], gain[index])
+
+    return f, torch.zeros_like(x)
+
+
+def bench_compaction(args: argparse.Namespace, device: torch.device) -> dict:
+    """Wall-clock of each solver with ``compact`` on and off, interleaved in one process.
+
+    Both settings return the same iterates (the equality is asserted here, as in the tests), so
+    the final residuals are equal and the ratio is the time saved by compaction alone.
+    """
+    f, z0 = mixed_problem(args.quick, device)
+    repeats = 1 if args.quick else 5
+    rows = []
+    for solver in COMPACT_SOLVERS:
+        seen: dict[str, list[int]] = {}
+
+        def run(mode: str, solver: str = solver, seen: dict = seen) -> tuple[Tensor, object]:
+            rows_seen: list[int] = []
+
+            def counted(z: Tensor, index: Tensor | None = None) -> Tensor:
+                rows_seen.append(z.shape[0])
+                return f(z, index)
+
+            out = solve(counted, z0, solver=solver, max_iter=CAP, tol=TOL, stop_mode=STOP_MODE,
+                        compact=mode)  # fmt: skip
+            seen[mode] = rows_seen
+            return out
+
+        with torch.no_grad():
+            run("on"), run("off")  # warm-up
+            times: dict[str, list[float]] = {"on": [], "off": []}
+            for _ in range(repeats):  # interleaved: a load spike hits both settings alike
+                for mode in ("on", "off"):
+                    t, out = timed(lambda m=mode: run(m), device, 1)
+                    times[mode] += t
+                    if mode == "on":
+                        (z_on, st_on) = out
+                    else:
+                        (z_off, st_off) = out
+        # float32 convolutions over 16 or 8 rows round differently: equal to ~1e-6 relative
+        same = torch.allclose(z_on, z_off, rtol=1e-4, atol=1e-4)
+        if not same or not torch.equal(st_on.nstep, st_off.nstep):
+            raise AssertionError(f"{solver}: compaction changed the solution")
+        easy, hard = st_on.nstep[0::2].float(), st_on.nstep[1::2].float()
+        med = {m: sorted(t)[len(t) // 2] for m, t in times.items()}
+        f_rows = {m: sum(seen[m]) for m in seen}
+        rows.append(
+            {
+                "solver": solver,
+                "batch": int(z0.shape[0]),
+                "easy_nstep_mean": easy.mean().item(),
+                "hard_nstep_mean": hard.mean().item(),
+                "easy_over_hard_steps": (easy.mean() / hard.mean()).item(),
+                "converged_fraction": st_on.converged.float().mean().item(),
+                "final_rel_res_max_on": max_rel_residual(lambda z: f(z), z_on),
+                "final_rel_res_max_off": max_rel_residual(lambda z: f(z), z_off),
+                "nfe": st_on.nfe,
+                "f_rows_on": f_rows["on"],
+                "f_rows_off": f_rows["off"],
+                "ideal_speedup_f_rows": f_rows["off"] / f_rows["on"],
+                "seconds_on": med["on"],
+                "seconds_off": med["off"],
+                "times_on": times["on"],
+                "times_off": times["off"],
+                "speedup_off_over_on": med["off"] / med["on"],
+            }
+        )
+        log(f"[compaction] {solver}: {med['off'] / med['on']:.2f}x")
+    return {
+        "command": "python bench/solvers.py " + " ".join(sys.argv[1:]),
+        "problem": f"conv cell {'x'.join(map(str, z0.shape))}, gains {EASY_GAIN}/{HARD_GAIN} "
+        "alternating (easy/hard halves)",
+        "tol": TOL,
+        "stop_mode": STOP_MODE,
+        "max_iter": CAP,
+        "repeats": repeats,
+        "target_speedup": 1.5,
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "shared_machine": True,
+        "quick": args.quick,
+        "rows": rows,
+    }
+
+
+def compaction_markdown(report: dict) -> str:
+    rows = [
+        [
+            r["solver"],
+            f"{r['easy_nstep_mean']:.1f} / {r['hard_nstep_mean']:.1f}",
+            f"{r['final_rel_res_max_on']:.1e} / {r['final_rel_res_max_off']:.1e}",
+            f"{r['ideal_speedup_f_rows']:.2f}x",
+            f"{1e3 * r['seconds_off']:.0f}",
+            f"{1e3 * r['seconds_on']:.0f}",
+            f"{r['speedup_off_over_on']:.2f}x",
+        ]
+        for r in report["rows"]
+    ]
+    head = ["solver", "steps easy / hard", "max rel res on / off", "f rows off/on",
+            "off ms", "on ms", "speed-up"]  # fmt: skip
+    return markdown_table(head, rows)
+
+
+# ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
 
@@ -643,9 +788,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument("--problems", nargs="+", choices=PROBLEMS, default=list(PROBLEMS))
+    parser.add_argument(
+        "--compaction", action="store_true", help="only batch compaction on vs off (JSON)"
+    )
+    parser.add_argument("--out", default=None, help="--compaction: write the JSON report here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.compaction:
+        report = bench_compaction(args, device)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"## Batch compaction (`{report['command'].strip()}`)\n")
+        print(f"{report['problem']}; load average {report['load_average_1_5_15']}.\n")
+        print(compaction_markdown(report))
+        return
     try:
         torchdeq = importlib.import_module("torchdeq")
         td_version = getattr(torchdeq, "__version__", "installed")

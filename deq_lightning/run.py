@@ -27,6 +27,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -35,7 +36,12 @@ from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from deq_lightning.callbacks.checkpoint import LAST, AtomicCheckpointIO, write_atomic
+from deq_lightning.callbacks.checkpoint import (
+    LAST,
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    write_atomic,
+)
 from deq_lightning.callbacks.preemption import EXIT_RESUMABLE, PreemptionCheckpoint
 from deq_lightning.deq import DEQ
 from deq_lightning.loggers import CONSOLE_ECHO, continue_offline_wandb_step
@@ -82,7 +88,7 @@ def check_config(cfg: DictConfig) -> None:
             DEQ(**kwargs)
         except ValueError as e:
             raise ValueError(
-                f"invalid solver/backward config (conf groups solver, backward): {e}"
+                f"invalid solver/backward config (conf groups solver, backward): {user_keys(e)}"
             ) from None
     if cfg.get("data") is not None and "batch_size" in cfg.data:
         world = _world_size(cfg.trainer)
@@ -92,6 +98,56 @@ def check_config(cfg: DictConfig) -> None:
                 f"data.batch_size={bs} is not divisible by the world size {world} "
                 f"(trainer.devices x trainer.num_nodes); set data.batch_size to a multiple of {world}"
             )
+
+
+# The DEQ's argument names -> the config keys a user types (backward_opts.tol -> backward.tol).
+_USER_KEYS = (
+    (re.compile(r"\beval_solver_opts[:.]\s*(\w+)"), r"solver.eval_opts.\1"),
+    (re.compile(r"\bbackward_opts[:.]\s*(?:backward_opts[:.]\s*)?(\w+)"), r"backward.\1"),
+    (re.compile(r"\bunknown backward_opts\b"), "unknown backward option(s)"),
+    (re.compile(r"^(\w+) must be"), r"solver.\1 must be"),
+)
+
+
+def user_keys(error: Exception | str) -> str:
+    """An error of the DEQ core, with its internal argument names replaced by config keys."""
+    text = str(error)
+    for pattern, key in _USER_KEYS:
+        text = pattern.sub(key, text)
+    return text
+
+
+def apply_trainer_choice(cfg: DictConfig) -> None:
+    """``trainer=cpu`` on an experiment written for several GPUs: one CPU process, unless the
+    command line sets ``trainer.devices`` (an experiment's ``devices: 4`` means 4 GPUs, and as
+    4 CPU processes it would silently run a multi-process CPU job)."""
+    if not HydraConfig.initialized():
+        return
+    choice = HydraConfig.get().runtime.choices.get("trainer")
+    typed = {o.split("=", 1)[0].lstrip("+~") for o in current_overrides()}
+    devices = cfg.trainer.get("devices", 1)
+    if choice == "cpu" and devices not in (1, "1", "auto") and "trainer.devices" not in typed:
+        with open_dict(cfg):
+            cfg.trainer.devices = 1
+        say(
+            f"trainer=cpu: devices=1 (the experiment's devices={devices} are GPUs); set "
+            "trainer.devices=N for N CPU processes"
+        )
+
+
+def check_accelerator(cfg: DictConfig) -> None:
+    """A GPU config on a machine without CUDA: say how to run it on the CPU (Lightning's own
+    error, "No supported gpu backend found!", names no fix)."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator not in ("gpu", "cuda") or torch.cuda.is_available():
+        return
+    if accelerator == "gpu" and torch.backends.mps.is_available():
+        return
+    raise ValueError(
+        f"this config runs on GPUs (trainer.accelerator={accelerator}, "
+        f"trainer.devices={cfg.trainer.get('devices')}) but no CUDA device is visible; add "
+        "trainer=cpu to the command to run it on the CPU"
+    )
 
 
 # Strategies whose ranks > 0 Lightning starts by re-running the command line (its subprocess
@@ -297,8 +353,9 @@ def build(
     cfg: DictConfig, job_type: str, resume_step: int | None = None
 ) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer, list[Logger]]:
     output_dir = Path(cfg.paths.output_dir)
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    task = hydra.utils.instantiate(cfg.task, _recursive_=False)
+    datamodule = instantiate_own_errors(cfg.data, _convert_="all")
+    reconcile_num_classes(cfg, datamodule)
+    task = instantiate_own_errors(cfg.task, _recursive_=False)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg, output_dir, job_type, resume_step)
     # Drop callbacks the trainer would refuse: a progress bar when bars are off, and
@@ -319,6 +376,40 @@ def build(
         if isinstance(logger, WandbLogger) and resume_step is not None:
             continue_offline_wandb_step(logger, resume_step)
     return datamodule, task, trainer, loggers
+
+
+def instantiate_own_errors(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, re-raising the constructor's own error: Hydra wraps it with
+    its ``repr``, which prints a multi-line message (a dataset layout) as one line of ``\\n``."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, Exception):
+            raise e.__cause__ from None
+        raise
+
+
+def reconcile_num_classes(cfg: DictConfig, datamodule: Any) -> None:
+    """``model.num_classes`` from the data where the data knows it (ImageNet counts its class
+    folders): ``null`` takes the data's number, a different number is an error naming both."""
+    known = getattr(datamodule, "num_classes", None)
+    model = cfg.get("model")
+    if not isinstance(known, int) or model is None or "num_classes" not in model:
+        return
+    wanted = model.num_classes
+    if wanted is None:
+        with open_dict(cfg):
+            cfg.model.num_classes = known
+        say(f"model.num_classes={known}, from the data ({type(datamodule).__name__})")
+        return
+    if int(wanted) != known:
+        raise ValueError(
+            f"model.num_classes={wanted} but the data has {known} classes "
+            f"({type(datamodule).__name__}"
+            + (f", data.data_dir={cfg.data.data_dir}" if "data_dir" in cfg.data else "")
+            + f"); set model.num_classes={known}, or model.num_classes=null to take it from "
+            "the data, or point data.data_dir at the full dataset"
+        )
 
 
 def checkpoint_plugins(trainer: DictConfig) -> list[Any] | None:
@@ -353,7 +444,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     quiet_known_warnings()
     route_library_logs()
+    apply_trainer_choice(cfg)
     check_config(cfg)
+    check_accelerator(cfg)
     refuse_multirun_relaunch(cfg)
     output_dir = Path(cfg.paths.output_dir)
     say(f"run directory: {output_dir.resolve()}")
@@ -391,12 +484,36 @@ def train(cfg: DictConfig) -> dict[str, float]:
             + f" (exit code {EXIT_RESUMABLE})"
         )
         raise SystemExit(EXIT_RESUMABLE) from None
+    except Exception as e:
+        hint = failure_hint(output_dir, locals().get("trainer"))
+        if hint:
+            say(f"failed: {type(e).__name__}: {e}")
+            say(hint)
+            e.add_note(hint)
+        raise
     finally:
         finish(loggers)
         write_status(output_dir, status)
         update_sweep_summary(cfg)
         if requeue is not None:
             requeue()  # submitit: requeue this job and exit
+
+
+def failure_hint(output_dir: Path, trainer: pl.Trainer | None) -> str | None:
+    """What a failed run left behind and the command that continues it (``None``: nothing to
+    continue, e.g. the data failed before training started)."""
+    callbacks = trainer.callbacks if trainer is not None else []
+    last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
+    note = last.failure_note if last is not None else ""
+    ckpt = output_dir / "checkpoints" / LAST
+    if not ckpt.is_file():
+        return f"{note}; nothing to resume from" if note else None
+    if not note:
+        note = f"the newest checkpoint is {ckpt}"
+    command = " ".join(
+        ["python train.py", *current_overrides(), f"hydra.run.dir={output_dir.resolve()}"]
+    )
+    return f"{note}. After fixing the cause, continue the run with: {command}"
 
 
 def best_checkpoint(trainer: pl.Trainer) -> str | None:
@@ -682,6 +799,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise FileNotFoundError(f"{saved_path} not found: run_dir must be a train.py run directory")
     run_cfg = merge_overrides(OmegaConf.load(saved_path), cfg)
     check_config(run_cfg)
+    check_accelerator(run_cfg)
     output_dir = Path(run_cfg.paths.output_dir)
     say(f"evaluating {ckpt} with the config of {run_dir}")
     datamodule, task, trainer, loggers = build(run_cfg, "eval")

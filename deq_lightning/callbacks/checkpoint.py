@@ -33,6 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import IterableDataset, RandomSampler, Sampler
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
+        bad = nonfinite_tensors(checkpoint.get("state_dict", {}))
+        if bad:
+            # A checkpoint is never written from non-finite weights: a resume would continue
+            # from them. The previous file at ``path`` (if any) stays.
+            log.error(
+                "not writing %s: %d weight tensor(s) hold NaN or Inf (%s%s)",
+                path,
+                len(bad),
+                ", ".join(bad[:5]),
+                ", ..." if len(bad) > 5 else "",
+            )
+            return
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         write_atomic(Path(path), lambda f: torch.save(checkpoint, f))
+
+
+def nonfinite_tensors(state_dict: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` holding NaN or Inf."""
+    return [
+        name
+        for name, t in state_dict.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()
+    ]
 
 
 def write_atomic(path: Path, write: Any) -> None:
@@ -207,6 +229,7 @@ class LastCheckpoint(Checkpoint):
         self._sampler: ResumableSampler | None = None
         self._pending: dict[str, Any] | None = None
         self._trainer: pl.Trainer | None = None
+        self.failure_note = ""  # what on_exception did, for the run's error message
 
     @property
     def path(self) -> Path:
@@ -250,6 +273,43 @@ class LastCheckpoint(Checkpoint):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._skip(trainer):
             self.save(trainer, "epoch end")
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """An error during fit (a corrupt file, a non-finite run, a bug) writes last.ckpt before
+        it propagates, so up to ``every_n_minutes`` of training are not lost.
+
+        Not on a signal (PreemptionCheckpoint's job) nor Ctrl-C (it may land inside an optimizer
+        step); not under several processes (a save is collective and the other ranks may be
+        elsewhere); never from non-finite weights. :attr:`failure_note` says what happened.
+        """
+        self.failure_note = ""
+        if (
+            trainer.state.fn != "fit"
+            or isinstance(exception, SIGTERMException | KeyboardInterrupt)
+            or bool(trainer.fast_dev_run)
+        ):
+            return
+        if trainer.world_size > 1:
+            self.failure_note = (
+                "no checkpoint written at the failure (several processes); the newest "
+                f"periodic one is {self.path if self.path.is_file() else 'none'}"
+            )
+            return
+        bad = nonfinite_tensors(pl_module.state_dict())
+        if bad:
+            self.failure_note = (
+                f"the weights hold NaN/Inf ({len(bad)} tensors), so {self.path} was not "
+                "overwritten" + (" (it holds an earlier state)" if self.path.is_file() else "")
+            )
+            return
+        try:
+            self.save(trainer, "failure")
+        except Exception as e:  # the original error matters more than this one
+            self.failure_note = f"writing {self.path} failed too ({type(e).__name__}: {e})"
+            return
+        self.failure_note = f"{self.path} written at step {trainer.global_step}"
 
     # ------------------------------------------------------------------ state
 

@@ -14,10 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from deq_lightning.datamodules.checks import (
+    check_finite_inputs,
+    check_train_size,
+    check_verify_mode,
+    quick_image_check,
+    read_named,
+    verify_files,
+)
 from deq_lightning.datamodules.common import DatasetLayoutError, per_device_batch_size
 
 
@@ -65,6 +74,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.batch_size_per_device = per_device_batch_size(self.hparams.batch_size, self.trainer)
         if self.train_set is None:
             self.train_set, self.val_set, self.test_set = self.build_splits()
+        if stage == "fit":  # a fit (a bare setup() only builds the splits)
+            check_train_size(len(self.train_set), self.hparams.batch_size, type(self).__name__)
 
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         raise NotImplementedError
@@ -118,6 +129,7 @@ class DigitsDataModule(ClassificationDataModule):
         seed: int = 0,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
+        check_finite: bool = True,
     ) -> None:
         if not (val_fraction > 0 and test_fraction > 0 and val_fraction + test_fraction < 1):
             raise ValueError(
@@ -132,6 +144,9 @@ class DigitsDataModule(ClassificationDataModule):
         from sklearn.model_selection import train_test_split
 
         images, labels = load_digits(return_X_y=True)
+        if self.hparams.check_finite:
+            # Before standardising: one NaN pixel would make every image NaN.
+            check_finite_inputs(torch.as_tensor(images), "digits (sklearn.datasets.load_digits)")
         n = len(labels)
         n_val = round(self.hparams.val_fraction * n)
         n_test = round(self.hparams.test_fraction * n)
@@ -331,7 +346,9 @@ class ImageNetDataModule(ClassificationDataModule):
         num_workers: int = 8,
         image_size: int = 224,
         crop_pct: float = 0.875,
+        verify: bool | str = False,
     ) -> None:
+        check_verify_mode(verify)
         super().__init__()
         self.save_hyperparameters()
         self.image_size = image_size
@@ -381,7 +398,10 @@ class ImageNetDataModule(ClassificationDataModule):
         from torchvision.datasets import ImageFolder
 
         dataset = ImageFolder(
-            str(self.root / split), self.transform(split == "train"), allow_empty=True
+            str(self.root / split),
+            self.transform(split == "train"),
+            loader=NamedImageLoader(f"ImageNet {split}/"),
+            allow_empty=True,
         )
         counts = Counter(dataset.targets)
         empty = [c for i, c in enumerate(dataset.classes) if counts[i] == 0]
@@ -395,8 +415,30 @@ class ImageNetDataModule(ClassificationDataModule):
 
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         self.check_classes()
-        val = self.folder("val")
-        return self.folder("train"), val, val
+        val, train = self.folder("val"), self.folder("train")
+        verify = self.hparams.verify
+        if verify:
+            check = quick_image_check if verify == "quick" else NamedImageLoader("ImageNet")
+            for split, dataset in (("train", train), ("val", val)):
+                files = [(Path(p), check) for p, _ in dataset.samples]
+                verify_files("ImageNet", files, f"{split}/ images")
+        return train, val, val
+
+
+class NamedImageLoader:
+    """ImageFolder's loader (PIL, RGB) whose decoder errors name the file and the dataset; a
+    class rather than a closure so that DataLoader workers can pickle it."""
+
+    def __init__(self, dataset: str) -> None:
+        self.dataset = dataset
+
+    def __call__(self, path: str | Path) -> Image.Image:
+        return read_named(self.dataset, path, _load_rgb)
+
+
+def _load_rgb(path: str | Path) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")  # decodes the whole file (greyscale and CMYK become RGB)
 
 
 __all__ = [

@@ -38,12 +38,24 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms import v2
 
+from deq_lightning.datamodules.checks import (
+    check_train_size,
+    check_verify_mode,
+    quick_image_check,
+    read_named,
+    verify_files,
+)
 from deq_lightning.datamodules.common import (
     DatasetLayoutError,
     eval_loader,
     per_device_batch_size,
 )
-from deq_lightning.datamodules.flow_io import FlowFormatError, read_flow, read_image
+from deq_lightning.datamodules.flow_io import (
+    FlowFormatError,
+    check_flow_header,
+    read_flow,
+    read_image,
+)
 
 # ----------------------------------------------------------------------------------------------
 # On-disk layouts and indexing
@@ -387,17 +399,23 @@ class FlowAugmentor:
 class FlowPairs(Dataset):
     """Frame pairs read from disk, optionally augmented (see the module docstring for the keys)."""
 
-    def __init__(self, samples: Sequence[FlowSample], augment: FlowAugmentor | None = None):
+    def __init__(
+        self,
+        samples: Sequence[FlowSample],
+        augment: FlowAugmentor | None = None,
+        dataset: str = "flow",
+    ) -> None:
         self.samples = list(samples)
         self.augment = augment
+        self.dataset = dataset  # named in read errors (e.g. "sintel_final")
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
-        img1 = torch.from_numpy(read_image(s.image1)).permute(2, 0, 1)
-        img2 = torch.from_numpy(read_image(s.image2)).permute(2, 0, 1)
+        img1 = torch.from_numpy(read_named(self.dataset, s.image1, read_image)).permute(2, 0, 1)
+        img2 = torch.from_numpy(read_named(self.dataset, s.image2, read_image)).permute(2, 0, 1)
         if img1.shape != img2.shape:
             raise FlowFormatError(s.image2, f"size {tuple(img2.shape[1:])} differs from {s.image1}")
         if s.flow is None:
@@ -407,7 +425,7 @@ class FlowPairs(Dataset):
                 "name": s.name,
                 "new_sequence": s.new_sequence,
             }
-        flow_np, valid_np = read_flow(s.flow)
+        flow_np, valid_np = read_named(self.dataset, s.flow, read_flow)
         flow = torch.from_numpy(np.ascontiguousarray(flow_np)).permute(2, 0, 1)
         if flow.shape[1:] != img1.shape[1:]:
             raise FlowFormatError(
@@ -418,14 +436,41 @@ class FlowPairs(Dataset):
             valid = ((flow[0].abs() < 1000) & (flow[1].abs() < 1000)).float()
         else:
             valid = torch.from_numpy(valid_np).float()
+        # NaN/Inf ground truth is an invalid pixel, and its value 0: bilinear resizing in the
+        # augmentation would otherwise spread it into valid neighbours, and the masked loss
+        # would still be NaN (0 * NaN).
+        finite = torch.isfinite(flow).all(0)
+        flow = torch.where(finite, flow, 0.0)
+        valid = valid * finite
         if self.augment is not None:
             img1, img2, flow, valid = self.augment(img1, img2, flow, valid)
-        return {
+        sample = {
             "image1": img1.float().contiguous(),
             "image2": img2.float().contiguous(),
             "flow": flow.float().contiguous(),
             "valid": valid.contiguous(),
         }
+        if self.augment is not None:
+            sample["index"] = index  # training batches name their files in warnings
+        return sample
+
+    def files(self) -> list[tuple[Path, str]]:
+        """Every file the pairs read, once, with its kind (``image`` or ``flow``)."""
+        seen: dict[Path, str] = {}
+        for s in self.samples:
+            seen.setdefault(s.image1, "image")
+            seen.setdefault(s.image2, "image")
+            if s.flow is not None:
+                seen.setdefault(s.flow, "flow")
+        return list(seen.items())
+
+    def checks(self, mode: bool | str) -> list[tuple[Path, Callable[[Path], object]]]:
+        """Each file with its check for ``data.verify`` (``"quick"``: headers and sizes; true:
+        a full decode)."""
+        full = {"image": read_image, "flow": read_flow}
+        quick = {"image": quick_image_check, "flow": check_flow_header}
+        checks = quick if mode == "quick" else full
+        return [(path, checks[kind]) for path, kind in self.files()]
 
 
 # Training parts, evaluation sets (labelled) and benchmark test sets (unlabelled), by name.
@@ -513,8 +558,34 @@ class FlowDataModule(pl.LightningDataModule):
         data_dir = self.hparams.data_dir
         parts: list[Dataset] = []
         for name, (repeats, augment) in self.train_parts().items():
-            parts += [FlowPairs(TRAIN_PARTS[name](data_dir), augment)] * repeats
+            parts += [FlowPairs(TRAIN_PARTS[name](data_dir), augment, name)] * repeats
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    def sample_names(self, indices: Sequence[int]) -> list[str]:
+        """The first frame of training samples ``indices`` (for warnings about a batch)."""
+        out = []
+        for i in indices:
+            dataset, j = self.train_set, int(i)
+            if isinstance(dataset, ConcatDataset):
+                part = int(np.searchsorted(dataset.cumulative_sizes, j, side="right"))
+                j -= dataset.cumulative_sizes[part - 1] if part else 0
+                dataset = dataset.datasets[part]
+            out.append(str(dataset.samples[j].image1))
+        return out
+
+    def verify_sets(self) -> None:
+        """``data.verify``: every file of the training parts and evaluation sets, at setup."""
+        mode = self.hparams.get("verify", False)
+        if not mode:
+            return
+        sets = [*getattr(self.train_set, "datasets", [self.train_set])]
+        sets += list((self.eval_sets or {}).values())
+        files: dict[Path, Callable[[Path], object]] = {}
+        for ds in sets:
+            if ds is not None:
+                for path, check in ds.checks(mode):
+                    files.setdefault(path, check)
+        verify_files(type(self).__name__, list(files.items()), "its training and evaluation sets")
 
     def setup(self, stage: str | None = None) -> None:
         self.batch_size_per_device = per_device_batch_size(self.hparams.batch_size, self.trainer)
@@ -522,7 +593,13 @@ class FlowDataModule(pl.LightningDataModule):
         if stage in ("fit", None) and self.train_set is None:
             self.train_set = self.build_train()
         if stage in ("fit", "validate", "test", None) and self.eval_sets is None:
-            self.eval_sets = {n: FlowPairs(EVAL_SETS[n](data_dir)) for n in self.val_names}
+            self.eval_sets = {n: FlowPairs(EVAL_SETS[n](data_dir), None, n) for n in self.val_names}
+            self.verify_sets()
+        if stage == "fit":
+            # drop_last: a split smaller than the batch would train zero steps.
+            check_train_size(
+                len(self.train_set), self.hparams.batch_size, type(self).__name__, "pairs"
+            )
         if stage == "predict" and self.predict_sets is None:
             names = list(self.hparams.predict_sets)
             if not names:
@@ -530,7 +607,7 @@ class FlowDataModule(pl.LightningDataModule):
                     f"{type(self).__name__} has no benchmark test sets by default; set "
                     f"data.predict_sets to some of {sorted(PREDICT_SETS)}"
                 )
-            self.predict_sets = {n: FlowPairs(PREDICT_SETS[n](data_dir)) for n in names}
+            self.predict_sets = {n: FlowPairs(PREDICT_SETS[n](data_dir), None, n) for n in names}
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
@@ -590,7 +667,9 @@ class FlyingChairsDataModule(FlowDataModule):
         val_sets: Sequence[str] = ("chairs",),
         predict_sets: Sequence[str] = (),
         val_batch_size: int = 1,
+        verify: bool | str = False,
     ) -> None:
+        check_verify_mode(verify)
         check_set_names(val_sets, predict_sets)
         super().__init__()
         self.save_hyperparameters()
@@ -621,7 +700,9 @@ class FlyingThingsDataModule(FlowDataModule):
         val_sets: Sequence[str] = ("sintel_clean", "sintel_final", "kitti"),
         predict_sets: Sequence[str] = (),
         val_batch_size: int = 1,
+        verify: bool | str = False,
     ) -> None:
+        check_verify_mode(verify)
         check_set_names(val_sets, predict_sets, passes)
         super().__init__()
         self.save_hyperparameters()
@@ -650,7 +731,9 @@ class SintelDataModule(FlowDataModule):
         val_sets: Sequence[str] = ("sintel_clean", "sintel_final"),
         predict_sets: Sequence[str] = ("sintel_test_clean", "sintel_test_final"),
         val_batch_size: int = 1,
+        verify: bool | str = False,
     ) -> None:
+        check_verify_mode(verify)
         check_set_names(val_sets, predict_sets, passes)
         super().__init__()
         self.save_hyperparameters()
@@ -681,7 +764,9 @@ class KittiDataModule(FlowDataModule):
         val_sets: Sequence[str] = ("kitti",),
         predict_sets: Sequence[str] = ("kitti_test",),
         val_batch_size: int = 1,
+        verify: bool | str = False,
     ) -> None:
+        check_verify_mode(verify)
         check_set_names(val_sets, predict_sets)
         super().__init__()
         self.save_hyperparameters()
@@ -710,7 +795,9 @@ class HD1KDataModule(FlowDataModule):
         val_sets: Sequence[str] = ("hd1k",),
         predict_sets: Sequence[str] = (),
         val_batch_size: int = 1,
+        verify: bool | str = False,
     ) -> None:
+        check_verify_mode(verify)
         check_set_names(val_sets, predict_sets)
         super().__init__()
         self.save_hyperparameters()
@@ -753,7 +840,9 @@ class FlowMixDataModule(FlowDataModule):
         val_sets: Sequence[str] = ("sintel_clean", "sintel_final"),
         predict_sets: Sequence[str] = ("sintel_test_clean", "sintel_test_final"),
         val_batch_size: int = 1,
+        verify: bool | str = False,
     ) -> None:
+        check_verify_mode(verify)
         check_set_names(val_sets, predict_sets)
         weights = dict(MIX_WEIGHTS if weights is None else weights)
         unknown = sorted(set(weights) - set(MIX_AUGMENT))
@@ -990,6 +1079,14 @@ class SyntheticFlowDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.batch_size_per_device = per_device_batch_size(self.hparams.batch_size, self.trainer)
+        if stage == "fit":
+            check_train_size(
+                self.hparams.train_size,
+                self.hparams.batch_size,
+                "synthetic flow",
+                "pairs (data.train_size)",
+                "raise data.train_size",
+            )
         if self.train_set is None:
             hp = self.hparams
             self.train_set = self._pairs("train", hp.train_size, None)

@@ -209,6 +209,41 @@ def read_flow(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     raise FlowFormatError(path, "unknown flow format; expected .flo, .pfm or a KITTI .png")
 
 
+def check_flow_header(path: str | Path) -> None:
+    """A cheap check of a flow file (``data.verify=quick``): its header and its length, without
+    reading the data (a ``.flo`` / ``.pfm``), or the PNG's chunks (KITTI)."""
+    path = Path(path)
+    size = path.stat().st_size
+    suffix = path.suffix.lower()
+    with open(path, "rb") as f:
+        if suffix == ".flo":
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != FLO_MAGIC:
+                raise FlowFormatError(path, "not a .flo file (the first 4 bytes must be 'PIEH')")
+            w, h = struct.unpack("<ii", head[4:12])
+            expected = 12 + 8 * w * h
+        elif suffix == ".pfm":
+            kind = f.readline().strip()
+            if kind not in (b"PF", b"Pf"):
+                raise FlowFormatError(path, "not a PFM file (the header must start with PF or Pf)")
+            try:
+                w, h = (int(t) for t in f.readline().split())
+                float(f.readline().strip())
+            except ValueError:
+                raise FlowFormatError(path, "malformed PFM header") from None
+            expected = f.tell() + 4 * w * h * (3 if kind == b"PF" else 1)
+        elif suffix == ".png":
+            with Image.open(f) as img:
+                img.verify()
+            return
+        else:
+            raise FlowFormatError(path, "unknown flow format; expected .flo, .pfm or a KITTI .png")
+    if w <= 0 or h <= 0 or size != expected:
+        raise FlowFormatError(
+            path, f"{size} bytes but a {w}x{h} {suffix} file has {expected}; truncated?"
+        )
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image as ``(H, W, 3)`` uint8 (greyscale is repeated, alpha dropped)."""
     with Image.open(path) as img:

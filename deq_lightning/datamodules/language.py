@@ -241,6 +241,24 @@ def describe_unseen(split: str, stats: dict) -> str:
     return text
 
 
+class EmptySplitError(ValueError):
+    """A split of a text corpus holds (almost) no tokens."""
+
+
+def check_splits(files: dict[str, Path], splits: dict[str, Tensor]) -> None:
+    """Every split needs at least 2 tokens (an input and its target); an empty file is a broken
+    download or extraction, not a batch-size problem."""
+    for split, stream in splits.items():
+        if stream.numel() < 2:
+            path = files[split]
+            raise EmptySplitError(
+                f"{path} holds {stream.numel()} tokens ({path.stat().st_size} bytes): the {split} "
+                "split is empty. The file is damaged or was cut short: extract it again from the "
+                "dataset's archive (or point data.data_dir at a complete copy). No corpus cache "
+                "was written."
+            )
+
+
 def load_text_corpus(files: dict[str, Path], cache_dir: Path, unk_policy: str = "error") -> Corpus:
     """Read (or build and cache) the encoded corpus of ``files`` (split -> path).
 
@@ -257,15 +275,24 @@ def load_text_corpus(files: dict[str, Path], cache_dir: Path, unk_policy: str = 
     if cache.is_file():
         try:
             saved = torch.load(cache, weights_only=True)
-            return Corpus(Vocab(saved["vocab"]), {s: saved[s] for s in SPLITS}, saved["unk_stats"])
+            splits = {s: saved[s] for s in SPLITS}
+            corpus = Corpus(Vocab(saved["vocab"]), splits, saved["unk_stats"])
         except (OSError, RuntimeError, KeyError, EOFError) as e:
             warnings.warn(
                 f"ignoring unreadable corpus cache {cache} ({e}); rebuilding it", stacklevel=2
             )
+        else:
+            try:
+                check_splits(files, splits)
+            except EmptySplitError:
+                cache.unlink(missing_ok=True)  # written by an older version: never reuse it
+                raise
+            return corpus
     vocab, train = encode_training_split(files["train"])
     splits, unseen = {"train": train}, {}
     for split in ("valid", "test"):
         splits[split], unseen[split] = vocab.encode_file(files[split])
+    check_splits(files, splits)  # before anything is cached
     stats = {s: unseen[s].stats(splits[s].numel()) for s in unseen}
     found = [s for s in unseen if unseen[s].counts]
     if found and unk_policy == "error":

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .scope import per_forward
+from .scope import active_index, per_forward
 
 
 class VariationalDropout(nn.Module):
@@ -43,6 +43,9 @@ class VariationalDropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         mask = per_forward(self, "mask", lambda: self._draw(x))
+        index = active_index()
+        if index is not None and mask.dim() and mask.shape[0] not in (1, x.shape[0]):
+            mask = mask[index]  # batch compaction: f runs on the rows still being solved
         if mask.dim() != x.dim() or any(m not in (1, s) for m, s in zip(mask.shape, x.shape)):
             raise RuntimeError(
                 f"VariationalDropout got an input of shape {tuple(x.shape)} after drawing a mask "

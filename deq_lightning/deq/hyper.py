@@ -231,11 +231,15 @@ def _iterate(
     for k in range(steps):
         if rec is not None:
             rec(k, x)
-        fx = f(x)
+        fx = f(x) if mon is None else mon.evaluate(f, x)
         slot, n = k % m, min(k + 1, m)
         g = fx - x if grad else torch.sub(fx, x, out=hist.gbuf[:, slot])
         if mon is not None and not mon.observe(k, x, fx, g):
             break
+        if mon is not None and mon.keep is not None:  # batch compaction: drop stopped rows
+            x, fx, feats, norms, gram, ones = mon.shrink(x, fx, feats, norms, gram, ones)
+            hist.xbuf, hist.gbuf = mon.shrink(hist.xbuf, hist.gbuf)
+            b, g = x.shape[0], hist.gbuf[:, slot]
         hist.put(slot, x, g)
         xs, gs = hist.stacked(n)
         with torch.no_grad():
@@ -312,6 +316,7 @@ def hyper_solve(
     tol: float,
     stop_mode: str,
     diverge_factor: float,
+    compact: bool = False,
     record: Sequence[int] | None = None,
     m: int = 9,
     lam: float = 1e-4,
@@ -321,7 +326,8 @@ def hyper_solve(
     """The solver with an in-memory network (``None`` = plain Anderson through the same code)."""
     if net is not None:
         net.check_dim(x0.shape[1])
-    mon, rec = _Monitor(x0, tol, stop_mode, diverge_factor), _Recorder(record)
+    mon = _Monitor(x0, tol, stop_mode, diverge_factor, compact)
+    rec = _Recorder(record, mon)
     with torch.no_grad():
         mix = net is not None and net.mixes()
         nfe, fallbacks, _ = _iterate(net, f, x0, max_iter, m, lam, beta, mon, rec, mix)
@@ -409,6 +415,7 @@ def hyperanderson(
     tol: float,
     stop_mode: str,
     diverge_factor: float,
+    compact: bool = False,
     record: Sequence[int] | None = None,
     path: str | None = None,
     m: int = 9,
@@ -426,7 +433,7 @@ def hyperanderson(
     net.check_dim(x0.shape[1], f" in {path}")
     return hyper_solve(
         net, f, x0, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
-        diverge_factor=diverge_factor, record=record, m=m, lam=lam, beta=beta,
+        diverge_factor=diverge_factor, compact=compact, record=record, m=m, lam=lam, beta=beta,
     )  # fmt: skip
 
 

@@ -46,6 +46,12 @@ class DEQ(nn.Module):
     thesis raises the budget at test time). Unknown keys and impossible values raise at once.
     Set ``compute_jac_loss`` / ``compute_spectral_radius`` (usually through :meth:`override`) to get
     ``stats.jac_loss`` (differentiable) and ``stats.spectral_radius`` at the equilibrium.
+
+    Batch compaction (solver option ``compact``, on in eval mode by default): an f that accepts
+    an ``index`` keyword is called as ``f(z_rows, index=rows)`` once samples have converged, and
+    must then return ``f(z_full)[rows]``, index-selecting whatever it closes over that has a batch
+    dimension (see :func:`~.solvers.takes_index`). Per-forward dropout masks are index-selected
+    by the core. An f without ``index`` keeps every row and freezes stopped samples.
     """
 
     def __init__(
@@ -90,9 +96,15 @@ class DEQ(nn.Module):
         )
 
     def active_solver_opts(self) -> dict:
-        """The solver options in force now (eval ones laid over in eval mode), with defaults."""
+        """The solver options in force now (eval ones laid over in eval mode), with defaults.
+
+        ``compact="eval"`` is resolved here: "on" in eval mode, "off" in training.
+        """
         opts = self.solver_opts if self.training else {**self.solver_opts, **self.eval_solver_opts}
-        return check_solver_options(self.solver, opts)
+        full = check_solver_options(self.solver, opts)
+        if full["compact"] == "eval":
+            full["compact"] = "off" if self.training else "on"
+        return full
 
     @contextmanager
     def override(self, **changes: object) -> Iterator[DEQ]:

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 _ACTIVE: ContextVar[ForwardScope | None] = ContextVar("deq_forward_scope", default=None)
+# The rows of the original batch that f is being evaluated on (batch compaction), or None.
+_INDEX: ContextVar[Tensor | None] = ContextVar("deq_batch_index", default=None)
 
 
 class ForwardScope:
@@ -61,3 +63,22 @@ def per_forward(owner: object, key: str, make: Callable[[], Tensor]) -> Tensor:
     """``make()`` once per DEQ call (every time outside one)."""
     scope = _ACTIVE.get()
     return make() if scope is None else scope.get(owner, key, make)
+
+
+@contextmanager
+def batch_index(index: Tensor | None) -> Iterator[None]:
+    """Mark f's current call as running on rows ``index`` of the batch (batch compaction).
+
+    Per-forward values with a batch dimension (dropout masks) are drawn on the full batch at the
+    first call and read back with :func:`active_index` on the rows still being solved.
+    """
+    token = _INDEX.set(index)
+    try:
+        yield
+    finally:
+        _INDEX.reset(token)
+
+
+def active_index() -> Tensor | None:
+    """The batch rows of the current f call under compaction; None when f sees the whole batch."""
+    return _INDEX.get()

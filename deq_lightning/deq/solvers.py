@@ -10,7 +10,11 @@ All solvers share one contract, so that they can be swapped by name from a confi
 * they return the lowest-residual iterate of each sample, never merely the last one;
 * a sample is flagged as diverged once its absolute residual exceeds ``diverge_factor`` times its
   initial one (transient spikes of Anderson and Broyden below that are normal and not flagged);
-* solver memory grows with the steps actually taken (or a fixed history), never with ``max_iter``.
+* solver memory grows with the steps actually taken (or a fixed history), never with ``max_iter``;
+* with ``compact`` (batch compaction), samples that stop leave the active batch: later steps
+  evaluate f, and do the solver's own arithmetic, only on the rows still being solved. f must
+  opt in by accepting an ``index`` keyword (see :func:`takes_index`); for any other f the
+  option changes nothing and stopped samples are frozen as described above.
 
 ``max_iter`` counts function evaluations. ``stats.nstep[b]`` is the number of evaluations after
 which sample ``b``'s returned iterate had its residual measured.
@@ -27,6 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .scope import batch_index
 from .state import State, StateSpec
 from .stats import SolverStats, Status
 
@@ -35,8 +40,20 @@ SolverFn = Callable[..., "FlatResult"]
 
 STOP_MODES = ("abs", "rel")
 _SOLVERS: dict[str, SolverFn] = {}
+# Keyword arguments run_flat passes to every solver that are not options of the config.
+_INTERNAL = ("record",)
 # Options every solver takes; solver-specific ones are read from each function's signature.
-COMMON_DEFAULTS = {"max_iter": 50, "tol": 1e-3, "stop_mode": "rel", "diverge_factor": 1e3}
+COMMON_DEFAULTS = {
+    "max_iter": 50,
+    "tol": 1e-3,
+    "stop_mode": "rel",
+    "diverge_factor": 1e3,
+    "compact": "eval",
+}
+# ``compact``: "on" drops stopped samples from the active batch, "off" freezes them in place,
+# "eval" is "on" when the DEQ layer is in eval mode and "off" in training (plain ``solve()``
+# calls count as evaluation). Only f's that accept ``index`` are ever compacted.
+COMPACT_MODES = ("off", "eval", "on")
 
 
 class FlatResult(NamedTuple):
@@ -84,7 +101,7 @@ def solver_options(name: str) -> dict[str, object]:
     specific = {
         k: p.default
         for k, p in params.items()
-        if p.kind is p.KEYWORD_ONLY and k not in COMMON_DEFAULTS and k != "record"
+        if p.kind is p.KEYWORD_ONLY and k not in COMMON_DEFAULTS and k not in _INTERNAL
     }
     return {**COMMON_DEFAULTS, **specific}
 
@@ -104,6 +121,8 @@ def check_solver_options(name: str, opts: dict) -> dict:
         raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {full['stop_mode']!r}")
     if not float(full["diverge_factor"]) > 1:
         raise ValueError(f"diverge_factor must be > 1, got {full['diverge_factor']!r}")
+    if full["compact"] not in COMPACT_MODES:
+        raise ValueError(f"compact must be one of {COMPACT_MODES}, got {full['compact']!r}")
     for key, check in _SPECIFIC_CHECKS.get(name, {}).items():
         check(full, key)
     return full
@@ -159,10 +178,25 @@ class _Monitor:
 
     State-sized buffers are updated in place: on CPU a fresh multi-MiB tensor per step costs
     page faults comparable to the arithmetic itself.
+
+    With ``compact`` the solver's tensors hold only the *rows* still being solved
+    (``self.rows``, indices into the batch); the records here stay batch-sized. After each
+    :meth:`observe`, ``self.keep`` is a boolean mask over the previous rows when some of them
+    stopped (the solver then drops them from its own buffers with :meth:`shrink`), else None.
     """
 
-    def __init__(self, x0: Tensor, tol: float, stop_mode: str, diverge_factor: float) -> None:
+    def __init__(
+        self,
+        x0: Tensor,
+        tol: float,
+        stop_mode: str,
+        diverge_factor: float,
+        compact: bool = False,
+    ) -> None:
         b = x0.shape[0]
+        self.batch, self.compact = b, compact
+        self.rows: Tensor | None = None  # None: every row of the batch
+        self.keep: Tensor | None = None
         self.tol, self.stop_mode, self.diverge_factor = tol, stop_mode, diverge_factor
         self.best_x = x0.clone()
         inf = torch.full((b,), math.inf, device=x0.device, dtype=x0.dtype)
@@ -175,21 +209,44 @@ class _Monitor:
         self.abs_trace: list[Tensor] = []
         self.rel_trace: list[Tensor] = []
 
+    def evaluate(self, f: FlatFn, x: Tensor) -> Tensor:
+        """``f`` on the current rows: ``f(x)``, or ``f(x, index=rows)`` once rows have left."""
+        return f(x) if self.rows is None else f(x, index=self.rows)
+
+    def _full(self, part: Tensor, fill: Tensor) -> Tensor:
+        """A batch-sized vector: ``part`` on the current rows, ``fill`` elsewhere."""
+        return part if self.rows is None else fill.index_put((self.rows,), part)
+
+    def expand(self, x: Tensor) -> Tensor:
+        """A batch-sized copy of an iterate: the best iterate on rows that have left."""
+        return x.clone() if self.rows is None else self.best_x.index_put((self.rows,), x)
+
+    def shrink(self, *tensors: Tensor) -> list[Tensor]:
+        """Drop the rows that just stopped (``self.keep``) from the solver's tensors."""
+        return [t[self.keep] for t in tensors]
+
     def observe(self, k: int, x: Tensor, fx: Tensor, gx: Tensor | None = None) -> bool:
         """Record the residual of iterate ``k`` (``gx = fx - x`` if already computed).
 
-        Returns whether any sample is still active.
+        ``x``, ``fx`` and ``gx`` hold the current rows. Returns whether any sample is still
+        active.
         """
         gx = fx - x if gx is None else gx
         self.steps += self.active
         abs_res = torch.linalg.vector_norm(gx, dim=1)
         rel_res = abs_res / (torch.linalg.vector_norm(fx, dim=1) + 1e-9)
+        # Rows that have left show their best residual (what a frozen sample's trace shows).
+        abs_res, rel_res = self._full(abs_res, self.best_abs), self._full(rel_res, self.best_rel)
         self.abs_trace.append(abs_res)
         self.rel_trace.append(rel_res)
         res = rel_res if self.stop_mode == "rel" else abs_res
         finite = torch.isfinite(abs_res) & torch.isfinite(rel_res)
         improved = self.active & finite & (res < self.best_res)
-        torch.where(improved[:, None], x, self.best_x, out=self.best_x)
+        if self.rows is None:
+            torch.where(improved[:, None], x, self.best_x, out=self.best_x)
+        else:
+            kept = torch.where(improved[self.rows][:, None], x, self.best_x[self.rows])
+            self.best_x.index_copy_(0, self.rows, kept)
         self.best_abs = torch.where(improved, abs_res, self.best_abs)
         self.best_rel = torch.where(improved, rel_res, self.best_rel)
         self.best_res = torch.where(improved, res, self.best_res)
@@ -209,13 +266,32 @@ class _Monitor:
             self.status = torch.where(mask, int(status), self.status)
         self.active = self.active & ~(converged | nonfinite | diverged)
         n_active = int(self.active.sum())  # the one host sync per step
-        self.all_active = n_active == self.active.numel()
+        n_rows = self.batch if self.rows is None else self.rows.numel()
+        self.keep = None
+        # Rows leave in groups (a quarter of the rows at least, or all that remain to stop):
+        # each compaction copies the solver's history, which costs more than a few f rows.
+        stopped = n_rows - n_active
+        if self.compact and n_active > 0 and stopped >= max(1, n_rows // 4):
+            rows = torch.arange(self.batch, device=x.device) if self.rows is None else self.rows
+            self.keep = self.active[rows]
+            self.rows = rows[self.keep]
+            n_rows = n_active
+        self.all_active = n_active == n_rows
         return n_active > 0
 
+    @property
+    def row_active(self) -> Tensor:
+        """The active flags of the current rows."""
+        return self.active if self.rows is None else self.active[self.rows]
+
     def hold(self, proposal: Tensor) -> Tensor:
-        """Next iterate, in place: the proposal for active samples, the best one for frozen ones."""
+        """Next iterate, in place: the proposal for active samples, the best one for frozen ones.
+
+        Under compaction stopped rows are frozen like this until enough of them leave together.
+        """
         if not self.all_active:
-            torch.where(self.active[:, None], proposal, self.best_x, out=proposal)
+            best = self.best_x if self.rows is None else self.best_x[self.rows]
+            torch.where(self.row_active[:, None], proposal, best, out=proposal)
         return proposal
 
     def result(
@@ -240,15 +316,16 @@ class _Monitor:
 
 
 class _Recorder:
-    """Copies of the iterate at chosen steps (for fixed-point correction)."""
+    """Batch-sized copies of the iterate at chosen steps (for fixed-point correction)."""
 
-    def __init__(self, steps: Sequence[int] | None) -> None:
+    def __init__(self, steps: Sequence[int] | None, mon: _Monitor | None = None) -> None:
         self.steps = set(steps or ())
         self.states: list[Tensor] = []
+        self.mon = mon
 
     def __call__(self, k: int, x: Tensor) -> None:
-        if k in self.steps:
-            self.states.append(x.clone())  # solvers update x in place
+        if k in self.steps:  # a copy: solvers update x in place
+            self.states.append(x.clone() if self.mon is None else self.mon.expand(x))
 
 
 def _rowdot(rows: Tensor, x: Tensor) -> Tensor:
@@ -274,17 +351,21 @@ def fixed_point(
     tol: float,
     stop_mode: str,
     diverge_factor: float,
+    compact: bool = False,
     record: Sequence[int] | None = None,
     damping: float = 0.0,
 ) -> FlatResult:
     """Picard iteration ``x <- (1 - damping) f(x) + damping x``."""
-    mon, rec = _Monitor(x0, tol, stop_mode, diverge_factor), _Recorder(record)
+    mon = _Monitor(x0, tol, stop_mode, diverge_factor, compact)
+    rec = _Recorder(record, mon)
     x = x0
     for k in range(max_iter):
         rec(k, x)
-        fx = f(x)
+        fx = mon.evaluate(f, x)
         if not mon.observe(k, x, fx):
             break
+        if mon.keep is not None:
+            x, fx = mon.shrink(x, fx)
         step = fx if damping == 0 else torch.lerp(fx, x, damping)
         x = mon.hold(step)
     return mon.result("fixed_point", max_iter, k + 1, rec.states)
@@ -299,6 +380,7 @@ def anderson(
     tol: float,
     stop_mode: str,
     diverge_factor: float,
+    compact: bool = False,
     record: Sequence[int] | None = None,
     m: int = 9,
     lam: float = 1e-4,
@@ -318,7 +400,8 @@ def anderson(
     more. It costs 2m state-sized buffers during the forward solve only.
     """
     b, d = x0.shape
-    mon, rec = _Monitor(x0, tol, stop_mode, diverge_factor), _Recorder(record)
+    mon = _Monitor(x0, tol, stop_mode, diverge_factor, compact)
+    rec = _Recorder(record, mon)
     xs = x0.new_empty(b, m, d)  # iterates x_i
     gs = x0.new_empty(b, m, d)  # residuals g_i
     gram = x0.new_zeros(b, m, m, dtype=torch.float64)
@@ -328,11 +411,14 @@ def anderson(
     fallbacks = 0
     for k in range(max_iter):
         rec(k, x)
-        fx = f(x)
+        fx = mon.evaluate(f, x)
         slot, n = k % m, min(k + 1, m)
         g = torch.sub(fx, x, out=gs[:, slot])
         if not mon.observe(k, x, fx, g):
             break
+        if mon.keep is not None:
+            x, xs, gs, gram, ones = mon.shrink(x, xs, gs, gram, ones)
+            b, g = x.shape[0], gs[:, slot]
         xs[:, slot].copy_(x)
         row = _rowdot(gs[:, :n], g).squeeze(1).double()
         gram[:, slot, :n] = row
@@ -398,6 +484,12 @@ class _LowRank:
             out.view(x.shape[0], 1, -1).baddbmm_(_rowdot(u, x), v)
         return out
 
+    def shrink(self, keep: Tensor) -> None:
+        """Keep only the rows ``keep`` (batch compaction)."""
+        self.us = [u[keep] for u in self.us]
+        self.vs = [v[keep] for v in self.vs]
+        self.like = self.like[keep]
+
     def append(self, u: Tensor, v: Tensor) -> bool:
         """Store a rank-one update; returns True when the estimate restarted from -I first."""
         restarted = self.memory is not None and self.n >= self.memory
@@ -428,6 +520,7 @@ def broyden(
     tol: float,
     stop_mode: str,
     diverge_factor: float,
+    compact: bool = False,
     record: Sequence[int] | None = None,
     memory: int | None = None,
 ) -> FlatResult:
@@ -436,13 +529,16 @@ def broyden(
     ``memory`` caps the number of rank-one updates kept (the estimate restarts when it is full);
     ``None`` keeps all of them, which still costs only the steps actually taken.
     """
-    mon, rec = _Monitor(x0, tol, stop_mode, diverge_factor), _Recorder(record)
+    mon = _Monitor(x0, tol, stop_mode, diverge_factor, compact)
+    rec = _Recorder(record, mon)
     inv = _LowRank(x0, memory)
     x = x0.clone()
     rec(0, x)
     gx = f(x) - x
     if not mon.observe(0, x, gx + x, gx):
         return mon.result("broyden", max_iter, 1, rec.states)
+    if mon.keep is not None:
+        x, gx = mon.shrink(x, gx)
     update = gx.clone()  # -H g with H = -I
     nfe = 1
     for k in range(1, max_iter):
@@ -454,11 +550,14 @@ def broyden(
             dx = x_new - x
             x = x_new
         rec(k, x)
-        fx = f(x)
+        fx = mon.evaluate(f, x)
         nfe += 1
         gx_new = fx - x
         if not mon.observe(k, x, fx, gx_new):
             break
+        if mon.keep is not None:
+            x, dx, gx, gx_new, update = mon.shrink(x, dx, gx, gx_new, update)
+            inv.shrink(mon.keep)
         # Two low-rank products per step: H g_new, and v = H^T dx. H dg follows from
         # H g_old = -update, and the new update from H g_new plus the new rank-one term.
         h_g = inv.matvec(gx_new)
@@ -466,7 +565,9 @@ def broyden(
         vt = inv.rmatvec(dx)
         denom = torch.bmm(vt[:, None, :], (gx_new - gx)[:, :, None]).view(-1, 1)
         u = h_dg.neg_().add_(dx).div_(denom)
-        ok = torch.isfinite(u).all(1, keepdim=True) & (denom.abs() > 1e-30) & mon.active[:, None]
+        ok = (
+            torch.isfinite(u).all(1, keepdim=True) & (denom.abs() > 1e-30) & mon.row_active[:, None]
+        )
         u, vt = torch.where(ok, u, 0.0), torch.where(ok, vt, 0.0)
         if inv.append(u, vt):
             update = inv.matvec(gx_new).neg_()
@@ -486,20 +587,47 @@ def autocast_state(device: torch.device) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
 
 
+def takes_index(f: Callable) -> bool:
+    """Whether f opted in to batch compaction by accepting an ``index`` keyword.
+
+    The contract: ``f(z, index=idx)`` gets the state rows ``z = z_full[idx]`` (``idx`` a long
+    tensor of batch positions, increasing) and must return ``f(z_full)[idx]``; everything f
+    closes over that has a batch dimension (the injection, attention memory, a correlation
+    volume) is index-selected by f itself. ``f(z)`` (no index) is the whole batch. An f without
+    an ``index`` parameter is never compacted. Flat wrappers carry the answer as an attribute.
+    """
+    known = getattr(f, "takes_index", None)
+    if known is not None:
+        return bool(known)
+    try:
+        params = inspect.signature(f).parameters
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return False
+    p = params.get("index")
+    return p is not None and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+
+
 def flat_fn(
     f: Callable[[State], State],
     spec: StateSpec,
     autocast: tuple[bool, torch.dtype],
     device: torch.device,
 ) -> FlatFn:
-    """Wrap a structured f as a flat one, run under the caller's autocast (the solver is not)."""
+    """Wrap a structured f as a flat one, run under the caller's autocast (the solver is not).
+
+    The flat f takes ``index`` (batch compaction) exactly when f does (see :func:`takes_index`).
+    """
     enabled, dtype = autocast
 
-    def g(x: Tensor) -> Tensor:
+    def g(x: Tensor, index: Tensor | None = None) -> Tensor:
         ctx = torch.autocast(device.type, dtype=dtype) if enabled else nullcontext()
         with ctx:
-            return spec.flatten(f(spec.unflatten(x)))
+            if index is None:
+                return spec.flatten(f(spec.unflatten(x)))
+            with batch_index(index):
+                return spec.flatten(f(spec.unflatten(x), index=index), batch=x.shape[0])
 
+    g.takes_index = takes_index(f)  # type: ignore[attr-defined]
     return g
 
 
@@ -510,8 +638,13 @@ def run_flat(
     opts: dict,
     record: Sequence[int] | None = None,
 ) -> FlatResult:
-    """Run a registered solver on a flat state, validated, with no graph and no autocast."""
+    """Run a registered solver on a flat state, validated, with no graph and no autocast.
+
+    ``compact`` "eval" counts as "on" here (a bare solve has no training mode; the DEQ layer
+    resolves it first); it takes effect only for an f that accepts ``index``.
+    """
     full = check_solver_options(name, opts)
+    full["compact"] = full["compact"] != "off" and takes_index(f)
     with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
         return get_solver(name)(f, x0.detach(), record=record, **full)
 

@@ -71,8 +71,12 @@ class StateSpec:
         widest = max(self.dtypes, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 0)
         return solver_dtype(widest)
 
-    def flatten(self, z: State) -> Tensor:
-        """Structure -> ``(batch, dim)`` in the solver dtype (differentiable)."""
+    def flatten(self, z: State, batch: int | None = None) -> Tensor:
+        """Structure -> ``(batch, dim)`` in the solver dtype (differentiable).
+
+        ``batch`` is the expected number of rows when f ran on part of the batch (compaction).
+        """
+        batch = self.batch if batch is None else batch
         leaves = [z] if isinstance(z, Tensor) else list(z)
         if len(leaves) != len(self.shapes):
             raise ValueError(
@@ -81,20 +85,23 @@ class StateSpec:
             )
         flat = []
         for i, (t, shape) in enumerate(zip(leaves, self.shapes)):
-            if t.shape[1:] != shape or t.shape[0] != self.batch:
+            if t.shape[1:] != shape or t.shape[0] != batch:
                 raise ValueError(
                     f"f changed the shape of state leaf {i}: expected "
-                    f"{(self.batch, *shape)}, got {tuple(t.shape)}"
+                    f"{(batch, *shape)}, got {tuple(t.shape)}"
                 )
-            flat.append(t.reshape(self.batch, -1).to(self.dtype))
+            flat.append(t.reshape(batch, -1).to(self.dtype))
         return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
     def unflatten(self, x: Tensor, cast: bool = False) -> State:
-        """``(batch, dim)`` -> structure (views, differentiable). ``cast`` restores leaf dtypes."""
+        """``(rows, dim)`` -> structure (views, differentiable). ``cast`` restores leaf dtypes.
+
+        ``rows`` is the batch, or fewer rows when f runs on part of it (compaction).
+        """
         parts = [x] if len(self.shapes) == 1 else torch.split(x, self.sizes, dim=1)
         leaves = []
         for p, shape, dtype in zip(parts, self.shapes, self.dtypes):
-            t = p.reshape(self.batch, *shape)
+            t = p.reshape(x.shape[0], *shape)
             leaves.append(t.to(dtype) if cast else t)
         if self.is_tensor:
             return leaves[0]

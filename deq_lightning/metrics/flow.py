@@ -48,18 +48,20 @@ def flow_metric_sums(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> d
     """Sums and counts of one batch for every metric above (see :data:`FLOW_METRIC_KEYS`).
 
     ``valid`` ``(B, H, W)`` marks the pixels that count (value >= 0.5): KITTI's and HD1K's sparse
-    ground truth. Leave it ``None`` for the dense sets, whose benchmarks count every pixel.
+    ground truth. Leave it ``None`` for the dense sets, whose benchmarks count every pixel with a
+    finite ground truth (NaN/Inf ground truth never counts).
     """
+    if valid is not None and valid.shape != (gt.shape[0], *gt.shape[2:]):
+        raise ValueError(
+            f"valid mask {tuple(valid.shape)} does not match the flow's "
+            f"{(gt.shape[0], *gt.shape[2:])}"
+        )
+    # Non-finite ground truth (a damaged .flo/.pfm) is an invalid pixel, never a NaN score.
+    finite = torch.isfinite(gt).all(1)
+    gt = torch.where(finite[:, None], gt, 0.0)
     epe = epe_map(pred, gt)
     mag = torch.linalg.vector_norm(gt.float(), dim=1)
-    if valid is None:
-        mask = torch.ones_like(epe, dtype=torch.bool)
-    else:
-        if valid.shape != epe.shape:
-            raise ValueError(
-                f"valid mask {tuple(valid.shape)} does not match the flow's {tuple(epe.shape)}"
-            )
-        mask = valid >= 0.5
+    mask = finite if valid is None else finite & (valid >= 0.5)
     per_image_count = mask.flatten(1).sum(1)
     per_image_sum = torch.where(mask, epe, 0.0).flatten(1).double().sum(1)
     has_pixels = per_image_count > 0

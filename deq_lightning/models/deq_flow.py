@@ -118,6 +118,33 @@ def convex_upsample(flow: Tensor, mask: Tensor, factor: int = UPSAMPLE) -> Tenso
     return up.permute(0, 1, 4, 2, 5, 3).reshape(b, 2, h * factor, w * factor)
 
 
+class RowsOf:
+    """The correlation pyramid and context of some batch rows, for batch compaction.
+
+    The solver passes the same ``index`` tensor until more samples converge, so the selected
+    pyramid (a copy of those rows' correlation volumes) is rebuilt only when the rows change.
+    """
+
+    def __init__(self, corr: CorrBlock, context: Tensor) -> None:
+        self.corr, self.context = corr, context
+        self._index: Tensor | None = None
+        self._rows: tuple[CorrBlock, Tensor] = (corr, context)
+
+    def select(self, index: Tensor | None) -> tuple[CorrBlock, Tensor]:
+        if index is None:
+            return self.corr, self.context
+        if index is not self._index:
+            b = self.context.shape[0]
+            sub = CorrBlock(num_levels=self.corr.num_levels, radius=self.corr.radius)
+            # Each level is (batch * h * w, 1, h_l, w_l): select whole samples.
+            sub.corr_pyramid = [
+                lvl.view(b, -1, *lvl.shape[1:])[index].flatten(0, 1)
+                for lvl in self.corr.corr_pyramid
+            ]
+            self._index, self._rows = index, (sub, self.context[index])
+        return self._rows
+
+
 def pixel_grid(h: int, w: int, device: torch.device) -> Tensor:
     """``(1, 2, h, w)`` pixel coordinates, x first (the order CorrBlock indexes with)."""
     ys, xs = torch.meshgrid(
@@ -247,12 +274,16 @@ class DEQFlow(nn.Module):
         b, _, h, w = context.shape
         grid = pixel_grid(h, w, x1.device)
 
-        def f(z: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        rows = RowsOf(corr, context)
+
+        def f(z: Sequence[Tensor], index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+            # ``index``: batch compaction (the DEQ solves only the rows still unconverged)
             hidden, flow = z
             if not self.all_grad:
                 flow = flow.detach()
-            corr_features = corr.index_pyramid(grid + flow)
-            hidden, delta = self.update_block(hidden, context, corr_features, flow)
+            corr_i, context_i = rows.select(index)
+            corr_features = corr_i.index_pyramid(grid + flow)
+            hidden, delta = self.update_block(hidden, context_i, corr_features, flow)
             return hidden, flow + delta
 
         z0 = self._initial_state(b, h, w, x1.device, flow_init, state_init)

@@ -487,8 +487,11 @@ class DEQTransformerLM(TransformerLM):
         pos_keys, mem_kv = attn.position_keys(pos), attn.memory_kv(mems.z, mems.u)
         mask = causal_mask(L, M, tokens.device)
 
-        def f(z: Tensor) -> Tensor:
-            return self.layer(z, u, mem_kv, pos_keys, mask)
+        def f(z: Tensor, index: Tensor | None = None) -> Tensor:
+            # ``index``: batch compaction (the DEQ solves only the rows still unconverged)
+            if index is None:
+                return self.layer(z, u, mem_kv, pos_keys, mask)
+            return self.layer(z, u[index], mem_kv[index], pos_keys, mask)
 
         z, stats = self.deq(f, torch.zeros(B, L, self.d_model, device=u.device, dtype=u.dtype))
         new_mems = Memory(self._keep(mems.z, z), self._keep(mems.u, u))

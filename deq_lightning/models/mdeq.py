@@ -278,7 +278,12 @@ class MDEQBackbone(nn.Module):
             for layer in self.layers:
                 zs = layer(zs, u)
             return list(zs), None
-        zs, stats = self.deq(lambda z: self.layer(z, u), self.initial_state(u))
+
+        def f(z: Sequence[Tensor], index: Tensor | None = None) -> list[Tensor]:
+            # ``index``: batch compaction (the DEQ solves only the rows still unconverged)
+            return self.layer(z, u if index is None else u[index])
+
+        zs, stats = self.deq(f, self.initial_state(u))
         return list(zs), stats
 
 

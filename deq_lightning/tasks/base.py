@@ -24,6 +24,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MinMetric
 
@@ -32,6 +33,10 @@ from deq_lightning.deq.backward import IMPLICIT_DEFAULTS
 from deq_lightning.metrics.equilibrium import equilibrium_metrics
 
 STAGES = ("train", "val", "test")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many training steps in a row had a non-finite loss or gradient."""
 
 
 def plain(value: Any) -> Any:
@@ -121,6 +126,7 @@ class DEQTask(pl.LightningModule):
         scheduler: dict | None = None,
         compile: bool = False,
         model_from_data: list[str] | None = None,
+        nonfinite_patience: int = 5,
         **schedule: Any,
     ) -> None:
         super().__init__()
@@ -149,6 +155,17 @@ class DEQTask(pl.LightningModule):
         self.solver_settings: dict[str, dict[str, Any]] = {}
         self._pending: DEQStats | None = None
         self._first_val_batch = False
+        if nonfinite_patience < 0:
+            raise ValueError(
+                f"task.nonfinite_patience must be >= 0 (0: never stop), got {nonfinite_patience}"
+            )
+        # The non-finite guard (see on_before_optimizer_step): steps skipped in this run (kept
+        # in checkpoints), the current streak, and what is needed to undo a bad step.
+        self.nonfinite_steps = 0
+        self._nonfinite_in_a_row = 0
+        self._loss_finite: Tensor | None = None
+        self._guard_batch: tuple[Any, int] = (None, -1)
+        self._stats_backup: list[Tensor] | None = None
 
     def _build_model(self) -> None:
         hp = self.hparams
@@ -372,6 +389,86 @@ class DEQTask(pl.LightningModule):
         out = {name: float(m.compute()) for name, m in self.equilibrium[key].items()}
         return {**out, **self.solver_settings.get(stage, {})}
 
+    # ------------------------------------------------------------------ non-finite guard
+    #
+    # A NaN/Inf loss or gradient (bad data, a diverging solve) must never reach the weights: the
+    # step's gradients are dropped (the optimizer then leaves every parameter alone), batch-norm
+    # statistics the forward pass updated are restored, and after ``nonfinite_patience`` such
+    # steps in a row the run stops (its last checkpoint still holds finite weights).
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._guard_batch = (batch, batch_idx)
+        self._loss_finite = None
+        stats = norm_statistics(self)
+        if stats:
+            if self._stats_backup is None or len(self._stats_backup) != len(stats):
+                self._stats_backup = [t.detach().clone() for t in stats]
+            else:
+                torch._foreach_copy_(self._stats_backup, [t.detach() for t in stats])
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        ok = torch.isfinite(loss.detach()).all()
+        self._loss_finite = ok if self._loss_finite is None else self._loss_finite & ok
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        ok = torch.ones((), dtype=torch.bool, device=self.device)
+        if self._loss_finite is not None:
+            ok = ok & self._loss_finite.to(ok.device)
+        # Under a gradient scaler (16-bit AMP) inf gradients are routine: the scaler skips them.
+        if grads and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            norms = torch._foreach_norm(grads)
+            ok = ok & torch.isfinite(torch.stack([n.float() for n in norms])).all().to(ok.device)
+        bad = self.trainer.strategy.reduce_boolean_decision(not bool(ok), all=False)
+        self._loss_finite = None
+        if not bad:
+            self._nonfinite_in_a_row = 0
+            return
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                p.grad = None  # the optimizer skips parameters without a gradient
+        stats = norm_statistics(self)
+        if self._stats_backup is not None and len(stats) == len(self._stats_backup):
+            torch._foreach_copy_([t.data for t in stats], self._stats_backup)
+        self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        where = self.describe_batch()
+        limit = self.hparams.get("nonfinite_patience", 5)
+        msg = (
+            f"non-finite loss or gradient at step {self.global_step} (epoch {self.current_epoch}, "
+            f"{where}): optimizer step skipped ({self._nonfinite_in_a_row} in a row, "
+            f"{self.nonfinite_steps} in this run; train/nonfinite_steps)"
+        )
+        if limit and self._nonfinite_in_a_row >= limit:
+            raise NonFiniteTrainingError(
+                f"{msg}. Stopping: {limit} non-finite steps in a row (task.nonfinite_patience). "
+                "The weights are those before them (finite). Likely causes: NaN/Inf in the "
+                "inputs or targets (data.check_finite=true refuses them at load), a learning "
+                "rate too high (task.optimizer.lr), a solve that diverges (solver.max_iter, "
+                "task.jac_loss_weight)."
+            )
+        rank_zero_warn(msg)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._guard_batch = (None, -1)  # no reference to the batch beyond its step
+        # The run's count so far, logged on every step (0 in a healthy run).
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
+
+    def describe_batch(self) -> str:
+        """The current training batch for a message: its index, the samples holding NaN/Inf,
+        and their dataset indices or files where the batch carries them."""
+        batch, batch_idx = getattr(self, "_guard_batch", (None, -1))
+        parts = [f"batch {batch_idx}"]
+        bad = nonfinite_samples(batch)
+        if bad:
+            parts.append(f"non-finite inputs in samples {bad[:10]} of the batch")
+        index = batch.get("index") if isinstance(batch, dict) else None
+        if isinstance(index, Tensor) and index.dim() == 1:
+            ids = [int(index[i]) for i in (bad or range(len(index)))[:10]]
+            names = getattr(getattr(self.trainer, "datamodule", None), "sample_names", None)
+            parts.append(f"files {names(ids)}" if names else f"dataset indices {ids}")
+        return ", ".join(parts)
+
     # ------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self) -> Any:
@@ -404,6 +501,7 @@ class DEQTask(pl.LightningModule):
         states are not in ``state_dict``), so that a resumed run continues them. The DEQ schedule
         (pre-training switch, Jacobian weight) needs nothing: it follows from the step and epoch
         counters Lightning restores."""
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps
         checkpoint["metric_bests"] = {
             name: next(iter(m.metric_state.values())).detach().cpu()
             for name, m in self.named_modules()
@@ -411,10 +509,37 @@ class DEQTask(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
         for name, value in checkpoint.get("metric_bests", {}).items():
             metric = self.get_submodule(name)
             metric.reset()
             metric.update(value.to(metric.device))
+
+
+def norm_statistics(module: nn.Module) -> list[Tensor]:
+    """Running statistics of the normalisation layers: a forward pass updates them, so a
+    batch with NaN inputs corrupts them even when its optimizer step is skipped."""
+    out = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            out += [t for t in (m.running_mean, m.running_var) if t is not None]
+    return out
+
+
+def nonfinite_samples(batch: Any) -> list[int]:
+    """Positions in ``batch`` (a tensor, tuple/list or dict of tensors, first dimension = the
+    samples) of the samples whose floating-point tensors hold NaN or Inf."""
+    tensors = batch.values() if isinstance(batch, dict) else batch
+    if isinstance(tensors, Tensor):
+        tensors = [tensors]
+    if not isinstance(tensors, list | tuple) and not isinstance(batch, dict):
+        return []
+    bad: set[int] = set()
+    for t in tensors:
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dim() > 0:
+            rows = ~torch.isfinite(t.detach().reshape(len(t), -1)).all(1)
+            bad.update(rows.nonzero().flatten().tolist())
+    return sorted(bad)
 
 
 def health_key(stage: str) -> str:

@@ -43,6 +43,13 @@ def resolve_init_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def finite_ground_truth(flow: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """NaN/Inf ground-truth pixels become invalid (and 0), so that a masked loss stays finite
+    (``0 * NaN`` is NaN). The flow DataModules already do this; batches from elsewhere may not."""
+    finite = torch.isfinite(flow).all(1)
+    return torch.where(finite[:, None], flow, 0.0), valid * finite
+
+
 class FlowTask(DEQTask):
     """Flow on ``{"image1", "image2", "flow", "valid"}`` batches.
 
@@ -146,6 +153,7 @@ class FlowTask(DEQTask):
     # ------------------------------------------------------------------ steps
 
     def loss(self, flow_preds: list[Tensor], flow: Tensor, valid: Tensor) -> Tensor:
+        flow, valid = finite_ground_truth(flow, valid)
         return fixed_point_correction_loss(flow_preds, flow, valid, self.gamma, self.max_flow)
 
     def step(self, batch: dict, stage: str, set_index: int = 0) -> Tensor:
@@ -159,6 +167,7 @@ class FlowTask(DEQTask):
         log_kw = dict(on_epoch=True, batch_size=n, add_dataloader_idx=False)
         if stage == "train":
             with torch.no_grad():
+                flow, valid = finite_ground_truth(flow, valid)
                 mask = valid >= 0.5
                 epe = epe_map(out["flow"], flow)[mask].mean() if mask.any() else loss * 0
             self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, **log_kw)

@@ -100,7 +100,7 @@ def test_impossible_values_fail_early_with_the_key(tmp_path):
     with pytest.raises(ValueError, match="max_iter must be an integer >= 1, got -3"):
         check_config(cfg)
     cfg = compose_cfg(["backward.tol=0"], tmp_path / "run")
-    with pytest.raises(ValueError, match="backward_opts: tol must be a number > 0"):
+    with pytest.raises(ValueError, match=r"backward\.tol must be a number > 0"):
         check_config(cfg)
     cfg = compose_cfg(["trainer.devices=2", "data.batch_size=63"], tmp_path / "run")
     with pytest.raises(

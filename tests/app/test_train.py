@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import open_dict
 
 from deq_lightning.run import train
 
@@ -32,10 +33,27 @@ def test_every_experiment_runs_fast_dev_run(experiment, tmp_path):
         *experiment_overrides(experiment, tmp_path),
     ]
     cfg = compose_cfg(overrides, tmp_path / "run")
+    # The training step runs in DEQ mode (QUICK sets task.pretrain_steps=0) and, where the
+    # experiment has a Jacobian term, draws it on that step.
+    jac = cfg.task.get("jac_loss_weight", 0) > 0
+    if jac:
+        with open_dict(cfg):
+            cfg.task.jac_loss_freq = 1.0
     metrics = train(cfg)
     assert any(k.startswith("test/") for k in metrics), metrics
     # per-class IoU is NaN for a class absent from a tiny test set; nothing else may be
     assert all(v == v for k, v in metrics.items() if "/iou_" not in k), metrics
+    if "test/fwd_nstep" in metrics:  # a DEQ (not an explicit baseline)
+        assert metrics["train/pretraining"] == 0.0 and "train/fwd_nstep" in metrics, metrics
+        if cfg.task.backward.name == "implicit":
+            assert "train/bwd_nstep" in metrics, metrics
+        assert ("train/jac_loss" in metrics) == jac, metrics
+    from hydra.utils import get_class
+
+    from deq_lightning.tasks.base import DEQTask
+
+    if issubclass(get_class(cfg.task._target_), DEQTask):  # the non-finite guard's count
+        assert metrics["train/nonfinite_steps"] == 0.0, metrics
 
 
 def test_digits_default_learns(tmp_path):
