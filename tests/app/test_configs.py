@@ -130,6 +130,7 @@ TWINS = [
     ("seg_tiny", "mdeq_seg_tiny_layered", {}),
     ("lm_tiny", "deq_transformer_tiny_layered", {"vocab_size": 25}),
     ("lm_small", "deq_transformer_small_layered", {"vocab_size": 10000}),
+    ("lm_trellis_tiny", "deq_trellisnet_tiny_layered", {"vocab_size": 25}),
     ("flow_tiny", "raft_tiny", {}),
 ]
 

@@ -157,12 +157,26 @@ TINY_LM = [
 ]
 
 
+# DEQ-TrellisNet's keys (model=deq_trellisnet*), at TINY_LM's data sizes.
+TINY_TRELLIS = [
+    "model.d_embed=16",
+    "model.nhid=8",
+    "model.nout=16",
+    "model.cutoffs=[10,20]",
+    *TINY_LM[7:],
+]
+
+
 QUICK = [
     "solver.max_iter=3",
     "solver.eval_opts={max_iter: 3}",
     "backward.max_iter=3",
     "task.pretrain_steps=0",
 ]
+
+
+def tiny_lm(experiment: str) -> list[str]:
+    return TINY_TRELLIS if "trellis" in experiment else TINY_LM
 
 
 def overrides_for(experiment: str, tmp: Path) -> list[str]:
@@ -182,12 +196,12 @@ def overrides_for(experiment: str, tmp: Path) -> list[str]:
     if experiment.startswith(("wt103", "wt2")):
         splits = {s: f"wiki.{s}.tokens" for s in ("train", "valid", "test")}
         write_text_corpus(tmp / "data" / "wiki", splits)
-        return [*QUICK, *TINY_LM, f"data.data_dir={tmp / 'data' / 'wiki'}"]
+        return [*QUICK, *tiny_lm(experiment), f"data.data_dir={tmp / 'data' / 'wiki'}"]
     if experiment.startswith("ptb") or experiment == "lm_small":  # lm_small reads PTB files
         write_text_corpus(
             tmp / "data" / "ptb", {s: f"ptb.{s}.txt" for s in ("train", "valid", "test")}
         )
-        return [*QUICK, *TINY_LM, f"data.data_dir={tmp / 'data' / 'ptb'}"]
+        return [*QUICK, *tiny_lm(experiment), f"data.data_dir={tmp / 'data' / 'ptb'}"]
     if experiment.startswith("cityscapes"):
         root = write_cityscapes(tmp / "data" / "cityscapes")
         return [
@@ -223,6 +237,16 @@ def overrides_for(experiment: str, tmp: Path) -> list[str]:
         ]
     if experiment.startswith("seg_"):
         return [*QUICK, "data.n_train=32", "data.n_val=8", "data.n_test=8"]
+    if experiment.startswith("copy_memory"):
+        return [
+            *QUICK,
+            "data.blank_len=4",
+            "data.batch_size=4",
+            "data.n_val=8",
+            "data.n_test=8",
+            "trainer.devices=1",
+            "trainer.accelerator=cpu",
+        ]
     if experiment.startswith("lm_"):
         return [
             *QUICK,

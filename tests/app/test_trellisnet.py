@@ -1,0 +1,86 @@
+"""DEQ-TrellisNet and copy-memory through the real entry points (Hydra configs, Lightning)."""
+
+import math
+
+import hydra
+import pytest
+import torch
+
+from deq_lightning.run import train
+
+from ..helpers.app import FAST, compose_cfg
+
+
+@pytest.mark.slow
+def test_lm_trellis_tiny_trains_well_below_unigram_and_samples(tmp_path):
+    overrides = [
+        *FAST,
+        "experiment=lm_trellis_tiny",
+        "trainer.max_steps=300",
+        "trainer.val_check_interval=150",
+        "trainer.limit_val_batches=20",
+        "trainer.limit_test_batches=20",
+        "task.pretrain_steps=100",
+        "task.scheduler.warmup=20",
+        "data.train_tokens=200000",
+    ]
+    cfg = compose_cfg(overrides, tmp_path / "run")
+    metrics = train(cfg)
+    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
+    unigram = math.exp(dm.source.unigram_entropy)
+    floor = metrics["test/ppl_floor"]
+    # Well below what word frequencies alone give, and nothing beats the source's entropy rate.
+    assert metrics["test/ppl"] < floor + 0.5 * (unigram - floor), (metrics["test/ppl"], unigram)
+    assert metrics["test/ppl"] >= 0.95 * floor
+    assert metrics["test/fwd_converged"] > 0.5  # evaluated at its equilibrium, not unrolled
+
+    # Sampling carries the TrellisNet history token by token (the LM task's generate).
+    from deq_lightning.tasks.language import LanguageModelTask
+
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
+    task = LanguageModelTask.load_from_checkpoint(ckpt, weights_only=True)
+    prompt = dm.vocab.encode("<eos>", where="prompt")
+    ids = task.generate(prompt, 12, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == (12,) and ((ids >= 0) & (ids < dm.vocab_size)).all()
+
+
+def test_trellis_problems_can_train_a_hypersolver(tmp_path):
+    from deq_lightning.deq.hyper import HyperAndersonNet
+    from deq_lightning.hypersolver import HyperTrainOptions, collect_problems, fit
+
+    cfg = compose_cfg(
+        ["experiment=lm_trellis_tiny", "data.train_tokens=20000", "data.valid_tokens=4000"],
+        tmp_path / "run",
+    )
+    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
+    dm.prepare_data()
+    dm.setup("fit")
+    task = hydra.utils.instantiate(cfg.task, _recursive_=False)
+    task.build_for(dm)
+    task.eval().requires_grad_(False)
+    opts = HyperTrainOptions(steps=3, batches=2, holdout=0, ref_max_iter=15, init="pointwise")
+    problems = collect_problems(task, dm, opts)
+    assert len(problems) == 2 and not problems[0].x0.is_inference()
+    net = HyperAndersonNet(problems[0].x0.shape[1], m=opts.m, pool=opts.pool, hidden=opts.hidden)
+    losses = fit(net, problems, opts, 4, log=lambda _: None)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.slow
+def test_copy_memory_tiny_learns_above_chance(tmp_path):
+    cfg = compose_cfg(
+        [
+            *FAST,
+            "experiment=copy_memory_tiny",
+            "trainer.max_steps=150",
+            "trainer.val_check_interval=75",
+            "data.n_val=64",
+            "data.n_test=128",
+        ],
+        tmp_path / "run",
+    )
+    metrics = train(cfg)
+    chance = 1 / cfg.data.n_symbols
+    assert metrics["test/recall_acc"] > 2 * chance, metrics
+    assert metrics["test/loss"] < math.log(cfg.data.n_symbols)  # below guessing's NLL
+    assert 0.0 <= metrics["test/recall_seq_acc"] <= metrics["test/recall_acc"]
