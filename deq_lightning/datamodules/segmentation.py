@@ -23,6 +23,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import Cityscapes
 
+from deq_lightning.datamodules.checks import (
+    check_train_size,
+    check_verify_mode,
+    quick_image_check,
+    read_named,
+    verify_files,
+)
 from deq_lightning.datamodules.common import DatasetLayoutError, eval_loader, per_device_batch_size
 
 IGNORE_INDEX = 255
@@ -225,8 +232,9 @@ class CityscapesSegmentation(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         image_path, label_path = self.pairs[i]
-        image = read_rgb(image_path)
-        label = torch.from_numpy(label_ids_to_train_ids(read_label_ids(label_path)))
+        image = read_named("Cityscapes", image_path, read_rgb)
+        label_ids = read_named("Cityscapes", label_path, read_label_ids)
+        label = torch.from_numpy(label_ids_to_train_ids(label_ids))
         if image.shape[-2:] != label.shape:
             raise ValueError(
                 f"{image_path.name} is {tuple(image.shape[-2:])} but its label "
@@ -310,6 +318,8 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(str(e).replace("data.batch_size", key)) from None
         if self.train_set is None:
             self.train_set, self.val_set, self.test_set = self.build_splits()
+        if stage == "fit":  # a fit (a bare setup() only builds the splits)
+            check_train_size(len(self.train_set), hp.batch_size, type(self).__name__)
 
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         raise NotImplementedError
@@ -376,7 +386,9 @@ class CityscapesDataModule(SegmentationDataModule):
         flip: bool = True,
         test_split: str = "val",
         class_weights: Sequence[float] | None = CITYSCAPES_CLASS_WEIGHTS,
+        verify: bool | str = False,
     ) -> None:
+        check_verify_mode(verify)
         if len(crop_size) != 2 or min(crop_size) < 1:
             raise ValueError(f"data.crop_size is [height, width], got {list(crop_size)}")
         if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
@@ -410,7 +422,20 @@ class CityscapesDataModule(SegmentationDataModule):
             if hp.test_split == "val"
             else CityscapesSegmentation(cityscapes_pairs(root, "test"), self.mean, self.std)
         )
+        if hp.verify:
+            self.verify_files([train, val] if test is val else [train, val, test], hp.verify)
         return train, val, test
+
+    @staticmethod
+    def verify_files(splits: Sequence[CityscapesSegmentation], mode: bool | str) -> None:
+        """``data.verify``: every image and label of the splits, all bad files in one error
+        (``"quick"``: headers and checksums; true: decode each file as training would)."""
+        files: dict[Path, object] = {}
+        for split in splits:
+            for image, label in split.pairs:
+                files[image] = quick_image_check if mode == "quick" else read_rgb
+                files[label] = quick_image_check if mode == "quick" else read_label_ids
+        verify_files("Cityscapes", list(files.items()), "its splits")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,12 @@ from deq_lightning.run import apply_trainer_choice, build, check_accelerator, ch
 from deq_lightning.tasks.base import NonFiniteTrainingError
 
 from ..helpers.app import FAST, compose_cfg, run_script
-from ..helpers.datasets import write_flow_datasets, write_image_folder, write_text_corpus
+from ..helpers.datasets import (
+    write_cityscapes,
+    write_flow_datasets,
+    write_image_folder,
+    write_text_corpus,
+)
 
 
 def nan_digits(monkeypatch: pytest.MonkeyPatch, every: int = 8) -> np.ndarray:
@@ -315,3 +320,29 @@ def test_a_gpu_experiment_without_cuda_says_to_add_trainer_cpu(tmp_path, monkeyp
     with pytest.raises(ValueError, match="no CUDA device is visible; add trainer=cpu"):
         check_accelerator(cfg)
     check_accelerator(compose_cfg(["experiment=imagenet_mdeq_small", "trainer=cpu"], tmp_path))
+
+
+def test_cityscapes_reads_and_verify_name_the_bad_files(tmp_path):
+    from deq_lightning.datamodules.segmentation import CityscapesDataModule
+
+    root = write_cityscapes(tmp_path / "cityscapes")
+    image = next((root / "leftImg8bit" / "train").rglob("*.png"))
+    label = next((root / "gtFine" / "val").rglob("*_labelIds.png"))
+    truncate(image)
+    truncate(label)
+    common = {"data_dir": str(root), "batch_size": 2, "num_workers": 0, "crop_size": (16, 32)}
+    # Without verify: the bad file fails when read, named, not as PIL's bare message.
+    dm = CityscapesDataModule(**common)
+    dm.setup("fit")
+    index = next(i for i, (img, _) in enumerate(dm.train_set.pairs) if img == image)
+    with pytest.raises(DataFileError, match=f"Cityscapes: cannot read {image}"):
+        dm.train_set[index]
+    # With verify: both bad files at setup, in one message.
+    for mode in (True, "quick"):
+        with pytest.raises(DataFileError) as info:
+            CityscapesDataModule(**common, verify=mode).setup("fit")
+        text = str(info.value)
+        assert str(image) in text and str(label) in text and "cannot read 2 of " in text, text
+    # A training split smaller than one batch is refused with both numbers.
+    with pytest.raises(ValueError, match=r"training split has 4 samples.*data.batch_size=8"):
+        CityscapesDataModule(**{**common, "batch_size": 8}).setup("fit")
