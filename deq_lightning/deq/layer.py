@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +73,9 @@ class DEQ(nn.Module):
         self.jac_samples = jac_samples
         self.spectral_radius_iters = spectral_radius_iters
         self.compute_jac_loss = False
+        # Set when f's module is compiled (task.compile): the Jacobian terms, which need f's
+        # double backward, then evaluate f eagerly.
+        self.eager_jacobian = False
         self.compute_spectral_radius = False
         # Called as on_solve(flat_f, z0, z*) after each forward solve; hyper.capture_problems
         # sets it to collect the problems a learned solver is trained on.
@@ -201,10 +204,14 @@ class DEQ(nn.Module):
         want_jac = self.compute_jac_loss and torch.is_grad_enabled()
         if not (want_jac or self.compute_spectral_radius):
             return
-        if out.fz is not None:
+        if out.fz is not None and not self.eager_jacobian:
             fz, z_in = out.fz, out.z_in
         else:
-            with torch.enable_grad():
+            # A compiled f has no double backward: the Jacobian terms re-evaluate it eagerly.
+            eager = (
+                torch.compiler.set_stance("force_eager") if self.eager_jacobian else nullcontext()
+            )
+            with torch.enable_grad(), eager:
                 z_in = out.z.detach().requires_grad_()
                 fz = g(z_in)
         if want_jac:

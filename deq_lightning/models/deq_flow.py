@@ -177,6 +177,9 @@ class DEQFlow(nn.Module):
     side (128 for 4 levels; use 3 levels for 64-px crops).
     """
 
+    # The weight-tied module f applies (task.compile=true compiles it; see tasks/base.py).
+    equilibrium_cell = "update_block"
+
     def __init__(
         self,
         size: str = "B",

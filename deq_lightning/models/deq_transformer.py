@@ -423,6 +423,9 @@ class DEQTransformerLM(TransformerLM):
     ``deq_override(model, backward="unrolled", backward_opts={"steps": n})``.
     """
 
+    # The weight-tied module f applies (task.compile=true compiles it; see tasks/base.py).
+    equilibrium_cell = "layer"
+
     def __init__(
         self,
         vocab_size: int,

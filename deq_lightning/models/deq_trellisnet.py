@@ -140,6 +140,9 @@ class DEQTrellisNetLM(nn.Module):
     needs ``nout == d_embed`` (unless a mixture of softmaxes maps nout to d_embed).
     """
 
+    # The weight-tied module f applies (task.compile=true compiles it; see tasks/base.py).
+    equilibrium_cell = "layer"
+
     def __init__(
         self,
         vocab_size: int,

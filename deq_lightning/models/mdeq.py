@@ -218,6 +218,9 @@ class MDEQBackbone(nn.Module):
     code, so DEQ and layered net differ only in how the layer is used.
     """
 
+    # The weight-tied module f applies (task.compile=true compiles it; see tasks/base.py).
+    equilibrium_cell = "layer"
+
     def __init__(
         self,
         in_channels: int = 3,

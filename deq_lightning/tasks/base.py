@@ -28,7 +28,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MinMetric
 
-from deq_lightning.deq import DEQStats, deq_override, get_backward, solver_options
+from deq_lightning.deq import DEQ, DEQStats, deq_override, get_backward, solver_options
 from deq_lightning.deq.backward import IMPLICIT_DEFAULTS
 from deq_lightning.metrics.equilibrium import equilibrium_metrics
 
@@ -170,7 +170,9 @@ class DEQTask(pl.LightningModule):
     def _build_model(self) -> None:
         hp = self.hparams
         model = build_model(hp.model, hp.solver, hp.backward)
-        self.model = torch.compile(model) if hp.compile else model
+        if hp.compile:
+            compile_equilibrium_cells(model)
+        self.model = model
 
     def configure_model(self) -> None:
         """Build the model once the data is set up when its config takes values from the data.
@@ -514,6 +516,31 @@ class DEQTask(pl.LightningModule):
             metric = self.get_submodule(name)
             metric.reset()
             metric.update(value.to(metric.device))
+
+
+def compile_equilibrium_cells(model: nn.Module) -> list[nn.Module]:
+    """``task.compile=true``: compile, in place, the weight-tied module each DEQ's f applies
+    (named by the model class's ``equilibrium_cell``), where a DEQ spends its time.
+
+    In place (``nn.Module.compile``), so checkpoints keep their keys and load with or without
+    compilation; ``dynamic`` because batch compaction changes the batch between solver steps.
+    The solver loop itself stays eager (data-dependent stopping). A model without a cell (an
+    explicit baseline, a layered twin) is compiled whole the same way.
+    """
+    cells = [
+        getattr(m, type(m).equilibrium_cell)
+        for m in model.modules()
+        if getattr(type(m), "equilibrium_cell", None) and getattr(m, "deq", None) is not None
+    ]
+    # The Jacobian term and the implicit backward differentiate f's graph more than once
+    # (create_graph / retain_graph), which compiled backwards with donated buffers refuse.
+    torch._functorch.config.donated_buffer = False
+    for cell in cells or [model]:
+        cell.compile(dynamic=True)
+    for deq in model.modules():
+        if isinstance(deq, DEQ):
+            deq.eager_jacobian = True
+    return cells or [model]
 
 
 def norm_statistics(module: nn.Module) -> list[Tensor]:
