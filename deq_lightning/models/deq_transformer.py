@@ -322,6 +322,25 @@ class AdaptiveLogSoftmax(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
+def check_tokens(tokens: Tensor, targets: Tensor | None, vocab_size: int) -> None:
+    """A language model's inputs: (batch, length) ids inside the vocabulary, targets alike."""
+    if tokens.dim() != 2 or tokens.dtype != torch.long:
+        raise ValueError(
+            f"tokens must be a (batch, length) LongTensor, got {tuple(tokens.shape)} {tokens.dtype}"
+        )
+    if targets is not None and targets.shape != tokens.shape:
+        raise ValueError(
+            f"targets {tuple(targets.shape)} must have the shape of tokens {tuple(tokens.shape)}"
+        )
+    for name, t in (("tokens", tokens), ("targets", targets)):
+        if t is not None and t.numel() and (t.min() < 0 or t.max() >= vocab_size):
+            raise ValueError(
+                f"{name} hold ids in [{int(t.min())}, {int(t.max())}] but the model's "
+                f"vocabulary has {vocab_size} words; set model.vocab_size to the "
+                f"data's vocab_size"
+            )
+
+
 class TransformerLM(nn.Module):
     """What the DEQ-Transformer and its layered twin share: the (adaptive) embedding and tied
     softmax, the variational input/position/output dropout, the memory length, the input checks
@@ -388,23 +407,7 @@ class TransformerLM(nn.Module):
         return LMOutput(self.softmax.nll(h, targets.reshape(-1)).view(B, L), None, z, mems)
 
     def _check_tokens(self, tokens: Tensor, targets: Tensor | None) -> None:
-        if tokens.dim() != 2 or tokens.dtype != torch.long:
-            raise ValueError(
-                f"tokens must be a (batch, length) LongTensor, got {tuple(tokens.shape)} "
-                f"{tokens.dtype}"
-            )
-        if targets is not None and targets.shape != tokens.shape:
-            raise ValueError(
-                f"targets {tuple(targets.shape)} must have the shape of tokens "
-                f"{tuple(tokens.shape)}"
-            )
-        for name, t in (("tokens", tokens), ("targets", targets)):
-            if t is not None and t.numel() and (t.min() < 0 or t.max() >= self.vocab_size):
-                raise ValueError(
-                    f"{name} hold ids in [{int(t.min())}, {int(t.max())}] but the model's "
-                    f"vocabulary has {self.vocab_size} words; set model.vocab_size to the "
-                    f"data's vocab_size"
-                )
+        check_tokens(tokens, targets, self.vocab_size)
 
 
 class DEQTransformerLM(TransformerLM):

@@ -45,7 +45,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deq_lightning.deq import DEQ, DEQStats, VariationalDropout, apply_weight_norm, forward_scope
-from deq_lightning.models.deq_transformer import AdaptiveEmbedding, AdaptiveLogSoftmax, LMOutput
+from deq_lightning.models.deq_transformer import (
+    AdaptiveEmbedding,
+    AdaptiveLogSoftmax,
+    LMOutput,
+    check_tokens,
+)
 
 # SplitCrossEntropyLoss cutoffs of the WikiText-103 DEQ-TrellisNet
 # (deq@pytorch-1.5:DEQModel/train_trellisnet.py, cutoffs = [2800, 20000, 76000]).
@@ -291,23 +296,7 @@ class DEQTrellisNetLM(nn.Module):
         return LMOutput(self.softmax.nll(flat, targets.reshape(-1)).view(B, L), None, z, mems)
 
     def _check_inputs(self, tokens: Tensor, targets: Tensor | None, mems: History | None) -> None:
-        if tokens.dim() != 2 or tokens.dtype != torch.long:
-            raise ValueError(
-                f"tokens must be a (batch, length) LongTensor, got {tuple(tokens.shape)} "
-                f"{tokens.dtype}"
-            )
-        if targets is not None and targets.shape != tokens.shape:
-            raise ValueError(
-                f"targets {tuple(targets.shape)} must have the shape of tokens "
-                f"{tuple(tokens.shape)}"
-            )
-        for name, t in (("tokens", tokens), ("targets", targets)):
-            if t is not None and t.numel() and (t.min() < 0 or t.max() >= self.vocab_size):
-                raise ValueError(
-                    f"{name} hold ids in [{int(t.min())}, {int(t.max())}] but the model's "
-                    f"vocabulary has {self.vocab_size} words; set model.vocab_size to the "
-                    f"data's vocab_size"
-                )
+        check_tokens(tokens, targets, self.vocab_size)
         if mems is not None:
             want = self.init_memory(tokens.shape[0])
             got = [tuple(t.shape) for t in mems] if len(mems) == 3 else [len(mems)]

@@ -64,15 +64,23 @@ def test_train_hypersolver_then_eval_with_it(tmp_path, run_env, capsys):
     assert metrics["test/fwd_nstep"] <= budget
 
 
-def test_lm_problems_collected_by_the_trainer_can_be_trained_on(tmp_path):
-    """The DEQ-Transformer's f closes over masks and memory made in the evaluation step; they
-    must be usable in the solver's training graph (not inference-mode tensors)."""
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["experiment=lm_tiny"],
+        ["experiment=lm_trellis_tiny", "data.train_tokens=20000", "data.valid_tokens=4000"],
+    ],
+    ids=["deq_transformer", "deq_trellisnet"],
+)
+def test_lm_problems_collected_by_the_trainer_can_be_trained_on(overrides, tmp_path):
+    """The LMs' f close over masks, memory or history made in the evaluation step; they must be
+    usable in the solver's training graph (not inference-mode tensors)."""
     import hydra
 
     from deq_lightning.deq.hyper import HyperAndersonNet
     from deq_lightning.hypersolver import HyperTrainOptions, collect_problems, fit
 
-    cfg = compose_cfg(["experiment=lm_tiny"], tmp_path / "run")
+    cfg = compose_cfg(overrides, tmp_path / "run")
     dm = hydra.utils.instantiate(cfg.data, _convert_="all")
     dm.prepare_data()
     dm.setup("fit")

@@ -44,28 +44,6 @@ def test_lm_trellis_tiny_trains_well_below_unigram_and_samples(tmp_path):
     assert ids.shape == (12,) and ((ids >= 0) & (ids < dm.vocab_size)).all()
 
 
-def test_trellis_problems_can_train_a_hypersolver(tmp_path):
-    from deq_lightning.deq.hyper import HyperAndersonNet
-    from deq_lightning.hypersolver import HyperTrainOptions, collect_problems, fit
-
-    cfg = compose_cfg(
-        ["experiment=lm_trellis_tiny", "data.train_tokens=20000", "data.valid_tokens=4000"],
-        tmp_path / "run",
-    )
-    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
-    dm.prepare_data()
-    dm.setup("fit")
-    task = hydra.utils.instantiate(cfg.task, _recursive_=False)
-    task.build_for(dm)
-    task.eval().requires_grad_(False)
-    opts = HyperTrainOptions(steps=3, batches=2, holdout=0, ref_max_iter=15, init="pointwise")
-    problems = collect_problems(task, dm, opts)
-    assert len(problems) == 2 and not problems[0].x0.is_inference()
-    net = HyperAndersonNet(problems[0].x0.shape[1], m=opts.m, pool=opts.pool, hidden=opts.hidden)
-    losses = fit(net, problems, opts, 4, log=lambda _: None)
-    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-
-
 @pytest.mark.slow
 def test_copy_memory_tiny_learns_above_chance(tmp_path):
     cfg = compose_cfg(
