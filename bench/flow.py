@@ -23,20 +23,40 @@ step). Peak memory is that of one training step above the memory in use after se
 fresh process per run (``bench/_common.peak_memory_mib``). ``--train`` also runs ``train.py
 experiment=flow_tiny`` and reports its wall time, test EPE and the zero-flow EPE (the target:
 EPE <= 0.5 x zero-flow EPE in <= 10 minutes on 2 CPU cores).
+
+Side by side with RAFT, trained (``--peer``) and ablated (``--ablate``)::
+
+    OMP_NUM_THREADS=1 python bench/flow.py --peer raft_small --train-steps 400
+    OMP_NUM_THREADS=1 python bench/flow.py --ablate context_init jacobian --train-steps 200
+    python bench/flow.py --peer raft_small --quick          # a smoke run of a few steps
+
+``--peer`` trains ``experiment=flow_tiny``'s DEQ-Flow and each peer (torchvision's RAFT,
+``model=raft_small`` / ``raft_large``, randomly initialised, RAFT's sequence loss over its
+iterations, the DEQ's correlation levels and solver budgets as its iteration counts) through
+``train.py``, one fresh process each, on the same DataModule, crops, augmentation, batches
+(``task.train_seed``; checked with ``train/data_checksum``), steps, optimizer, schedule and seed.
+``--train-steps`` shortens the schedule (the one-cycle schedule then spans those steps).
+``--ablate`` trains DEQ-Flow variants (what each ingredient is worth) on the same stream. Both
+write ``<out>/results.json``, ``report.md`` and ``learning_curve.png`` (``--ablate`` alone:
+``ablation.json``, ``.md``, ``.png``), the curve (validation EPE over the
+zero flow's, from the runs' CSV logs); runs are kept under ``bench/results/flow_runs/<peer|ablation>`` (ignored).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from _common import markdown_table, peak_memory_mib, timed, train_target
+from _common import fmt, markdown_table, peak_memory_mib, timed, train_target
+from equilibrium import count_params, history, run_train, step_peak_mib
 from hydra import compose, initialize_config_dir
 
 from deq_lightning.config import register_schemas
@@ -111,6 +131,242 @@ def throughput(args: argparse.Namespace, mode: str, n: int) -> float:
     return args.batch / statistics.median(times)
 
 
+# ----------------------------------------------------------------------------------------------
+# Trained side by side: --peer and --ablate
+# ----------------------------------------------------------------------------------------------
+
+# DEQ-Flow variants for --ablate: name -> overrides of experiment=flow_tiny.
+ABLATIONS: dict[str, list[str]] = {
+    "zero_init": ["model.hidden_init=zero"],  # the thesis's start (flow_tiny's before the fix)
+    "context_init": ["model.hidden_init=context"],
+    "jacobian": ["task.jac_loss_weight=0.5", "task.jac_loss_freq=0.5"],
+    "hidden_96": ["model.hidden_dim=96"],
+    "budget_24": ["solver.max_iter=24"],
+    "damped_0.5": ["solver.damping=0.5"],
+    "context_init+jacobian": [
+        "model.hidden_init=context",
+        "task.jac_loss_weight=0.5",
+        "task.jac_loss_freq=0.5",
+    ],
+}
+# --quick: the whole pipeline on a few batches (a smoke test, not a measurement).
+QUICK = [
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=1",
+    "trainer.log_every_n_steps=1",
+    "data.batch_size=4",
+    "data.val_size=8",
+    "data.test_size=8",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+    "callbacks.flow_images=null",
+]
+SCORES = ("epe", "epe_zero", "1px", "3px", "5px")
+# What --peer and --ablate write under --out: (results, report, learning-curve plot).
+OUTPUTS = {
+    "peer": ("results.json", "report.md", "learning_curve.png"),
+    "ablation": ("ablation.json", "ablation.md", "ablation.png"),
+}
+
+
+def base_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides every side shares: the same experiment, seed, steps and evaluation."""
+    out = [f"experiment={args.experiment}", f"seed={args.seed}"]
+    if args.quick:
+        return [*out, *QUICK]
+    if args.train_steps:
+        every = max(1, args.train_steps // args.val_points)
+        out += [f"trainer.max_steps={args.train_steps}", f"trainer.val_check_interval={every}"]
+    return out
+
+
+def peer_overrides(peer: str, experiment: str) -> list[str]:
+    """``model=<peer>`` with the DEQ's correlation levels and its solver budgets as RAFT's
+    training and evaluation iterations (derived from the experiment, not copied)."""
+    model, solver, _ = model_config(experiment, "phantom")
+    eval_iters = (solver.get("eval_opts") or {}).get("max_iter", solver["max_iter"])
+    return [
+        f"model={peer}",
+        f"model.corr_levels={model['corr_levels']}",
+        f"model.num_iters={solver['max_iter']}",
+        f"model.eval_iters={eval_iters}",
+    ]
+
+
+def train_side(name: str, overrides: list[str], runs: Path, args: argparse.Namespace) -> dict:
+    """One side through train.py (bench/equilibrium.run_train): scores, solver health, costs."""
+    run_dir = runs / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+        (run_dir.parent / f"{name}.log").unlink(missing_ok=True)
+    print(f"[flow] {name}: train.py {' '.join(overrides)}", file=sys.stderr, flush=True)
+    res = run_train(overrides, run_dir, args.threads)
+    m, hist = res["metrics"], history(run_dir)
+    checksum = hist.get("train/data_checksum") or _step_series(run_dir, "train/data_checksum")
+    row = {
+        "name": name,
+        "overrides": overrides,
+        **{f"{stage}/{k}": m.get(f"{stage}/{k}") for stage in ("val", "test") for k in SCORES},
+        "params": count_params(run_dir),
+        "converged_fraction": m.get("test/fwd_converged"),
+        "residual_p50": m.get("test/fwd_res_p50"),
+        "solver_steps": m.get("test/fwd_steps"),
+        "cpu_s": res["cpu_s"],
+        "wall_s": res["wall_s"],
+        "max_rss_mib": res["max_rss_mib"],
+        "step_peak_mib": step_peak_mib(run_dir, args.threads),
+        "data_checksum": checksum[-1][1] if checksum else None,
+        "history": {
+            k: hist.get(k, [])
+            for k in ("val/epe", "val/epe_zero", "val/fwd_converged", "val/fwd_res_p50")
+        },
+    }
+    for stage in ("val", "test"):
+        epe, zero = row[f"{stage}/epe"], row[f"{stage}/epe_zero"]
+        row[f"{stage}/epe_vs_zero"] = epe / zero if epe is not None and zero else None
+    print(f"[flow] {name}: test/epe {row['test/epe']}", file=sys.stderr, flush=True)
+    return row
+
+
+def _step_series(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    """A step-level metric's (step, value) pairs from the CSV log (history keeps epoch ones)."""
+    import csv
+
+    out = []
+    for path in sorted(run_dir.glob("csv/**/metrics.csv")):
+        with open(path, newline="") as fh:
+            out += [(int(r["step"]), float(r[key])) for r in csv.DictReader(fh) if r.get(key)]
+    return out
+
+
+def plot_curves(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=100)
+    for row in rows:
+        epe, zero = row["history"]["val/epe"], dict(row["history"]["val/epe_zero"])
+        pts = [(s, v / zero[s]) for s, v in epe if zero.get(s)]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=row["name"])
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":", label="zero flow")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="target 0.5x")
+    ax.set(xlabel="training step", ylabel="val EPE / zero-flow EPE", title=title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_sides(args: argparse.Namespace) -> None:
+    """--peer / --ablate: train every side, then write results.json, report.md and the plot."""
+    load0 = os.getloadavg()
+    base = base_overrides(args)
+    sides = {"deq_flow": base}
+    for peer in args.peer or []:
+        sides[peer] = [*base, *peer_overrides(peer, args.experiment)]
+    if args.ablate:
+        sides.update({f"deq_flow+{k}": [*base, *ABLATIONS[k]] for k in args.ablate})
+    kind = "ablation" if args.ablate and not args.peer else "peer"
+    rows = [
+        train_side(name, overrides, args.runs / kind, args) for name, overrides in sides.items()
+    ]
+    cmd = f"OMP_NUM_THREADS={args.threads} python bench/flow.py {' '.join(sys.argv[1:])}".strip()
+    for row in rows:
+        # The Jacobian term's random projections draw from the generator the pairs come from.
+        row["same_pairs_as_deq_flow"] = row["data_checksum"] == rows[0]["data_checksum"]
+        row["command"] = cmd
+    json_name, md_name, png_name = OUTPUTS[kind]
+    rows = rows[:1] + kept_rows(args.out / json_name, rows, args) + rows[1:]
+    sums = {r["data_checksum"] for r in rows if r["data_checksum"] is not None}
+    result = {
+        "command": cmd,
+        "kind": kind,
+        "quick": args.quick,
+        "train_steps": args.train_steps,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "load_average_start": load0,
+        "load_average_end": os.getloadavg(),
+        "same_training_pairs": len(sums) == 1 if sums else None,
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / json_name).write_text(json.dumps(result, indent=1) + "\n")
+    plot_curves(rows, args.out / png_name, f"{args.experiment}: {kind}")
+    write_side_report(result, args.out / md_name, png_name)
+    print(f"[flow] wrote {args.out / md_name}", file=sys.stderr, flush=True)
+
+
+def kept_rows(path: Path, rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """Rows of an earlier call with the same schedule whose sides were not run now (so that
+    ``--ablate a`` then ``--ablate b`` report a and b side by side); each row keeps its command."""
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    if (old["train_steps"], old["quick"]) != (args.train_steps, args.quick):
+        return []
+    names = {r["name"] for r in rows}
+    return [{"command": old["command"], **r} for r in old["rows"] if r["name"] not in names]
+
+
+def write_side_report(result: dict, path: Path, png_name: str) -> None:
+    rows, ref = result["rows"], result["rows"][0]
+    headers = ["model", "test EPE", "/ zero", "val EPE", "/ zero", "1px %", "3px %", "5px %",
+               "params", "converged", "CPU s", "CPU / DEQ", "step peak MiB", "peak RSS MiB"]  # fmt: skip
+    table = [
+        [
+            r["name"],
+            r["test/epe"],
+            r["test/epe_vs_zero"],
+            r["val/epe"],
+            r["val/epe_vs_zero"],
+            r["test/1px"],
+            r["test/3px"],
+            r["test/5px"],
+            r["params"],
+            r["converged_fraction"],
+            r["cpu_s"],
+            r["cpu_s"] / ref["cpu_s"],
+            r["step_peak_mib"],
+            r["max_rss_mib"],
+        ]
+        for r in rows
+    ]
+    steps = result["train_steps"] or "the experiment's full schedule"
+    lines = [
+        f"# DEQ-Flow: {result['kind']}",
+        "",
+        f"`{result['command']}`",
+        "",
+        f"torch {result['torch']}, {result['cpus']} CPUs, {result['threads']} thread(s) per run; "
+        f"load average {result['load_average_start'][0]:.2f} at the start, "
+        f"{result['load_average_end'][0]:.2f} at the end. Training steps: {steps}"
+        f"{' (--quick: a smoke run, not a measurement)' if result['quick'] else ''}. Same "
+        f"training pairs on every side (data checksum): {fmt(result['same_training_pairs'])}.",
+        "",
+        markdown_table(headers, table),
+        "",
+        "EPE and 1/3/5px on the same validation and test pairs (test: the best-validation "
+        "checkpoint); `/ zero`: over the zero flow's EPE. `converged`: DEQ test samples whose "
+        "solve met the tolerance. CPU: user + system time of the whole run (training, "
+        "validation, test). `step peak`: one training step's peak memory above the memory in use "
+        "before it.",
+        "",
+        f"![learning curves]({png_name})",
+        "",
+        *(f"* `{r['name']}`: `train.py {' '.join(r['overrides'])}`" for r in rows),
+        "",
+        *sorted({f"Written by `{r['command']}`." for r in rows if r.get("command")}),
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--experiment", default="flow_tiny", help="whose model and solver to measure")
@@ -123,8 +379,26 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--train", action="store_true", help="also time the flow_tiny training")
+    ap.add_argument("--peer", nargs="+", choices=["raft_small", "raft_large"], help="train beside")
+    ap.add_argument(
+        "--ablate",
+        nargs="*",
+        choices=list(ABLATIONS),
+        help="train DEQ-Flow variants (all: none named)",
+    )
+    ap.add_argument("--train-steps", type=int, default=None, help="shorter schedule (--peer)")
+    ap.add_argument("--val-points", type=int, default=8, help="validations per run (--peer)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a smoke run of a few steps")
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "flow")
+    ap.add_argument("--runs", type=Path, default=ROOT / "bench" / "results" / "flow_runs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.ablate == []:
+        args.ablate = list(ABLATIONS)
+    if args.peer or args.ablate:
+        run_sides(args)
+        return
     device = torch.device(args.device)
 
     rows = []

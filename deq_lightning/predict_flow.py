@@ -46,9 +46,29 @@ class PairResult:
     name: str
     flo: str
     color: str
-    warm_start: bool
+    warm_start: bool  # this pair's solve started from the previous pair's fixed point
     solver_steps: float | None  # f evaluations run (None: an explicit model such as RAFT)
-    rel_residual: float | None
+    rel_residual: float | None  # of the returned iterate
+    best_step: float | None = None  # the iteration the returned (lowest-residual) iterate is from
+    converged: bool | None = None  # the solve met its tolerance within its budget
+    max_iter: int | None = None  # the solver's budget
+
+
+def solver_summary(results: Sequence[PairResult]) -> str:
+    """What the solver did over the pairs (empty for an explicit model): steps run, the step of
+    the returned iterate, converged fraction, residual and how many pairs were warm-started."""
+    solved = [r for r in results if r.solver_steps is not None]
+    if not solved:
+        return ""
+    warm = sum(r.warm_start for r in solved)
+    converged = sum(bool(r.converged) for r in solved)
+    return (
+        f"; solver: {np.mean([r.solver_steps for r in solved]):.1f} steps run of "
+        f"{solved[0].max_iter} (returned iterate from step "
+        f"{np.mean([r.best_step for r in solved]):.1f}), {converged}/{len(solved)} pairs "
+        f"converged, relative residual median {np.median([r.rel_residual for r in solved]):.3g}; "
+        f"{warm}/{len(solved)} pairs warm-started"
+    )
 
 
 # ------------------------------------------------------------------------------ frames
@@ -213,13 +233,9 @@ def predict_flow(cfg: DictConfig) -> list[PairResult] | list[Path]:
     if not results:
         raise ValueError(f"input={cfg.input}: fewer than 2 frames")
     (out_dir / "summary.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
-    steps = [r.solver_steps for r in results if r.solver_steps is not None]
-    solve = (
-        f"; mean solver steps {np.mean(steps):.1f}{' with warm start' if warm else ''}"
-        if steps
-        else ""
+    say(
+        f"{len(results)} flows written to {out_dir.resolve()} (flo/, color/){solver_summary(results)}"
     )
-    say(f"{len(results)} flows written to {out_dir.resolve()} (flo/, color/){solve}")
     return results
 
 
@@ -236,4 +252,7 @@ def write_pair(out_dir: Path, name: str, flow: torch.Tensor, stats, warm: bool) 
         # An explicit model (RAFT) has no solve to report.
         solver_steps=float(stats.forward.steps.float().mean()) if stats else None,
         rel_residual=float(stats.forward.rel_res.float().mean()) if stats else None,
+        best_step=float(stats.forward.nstep.float().mean()) if stats else None,
+        converged=bool(stats.forward.converged.all()) if stats else None,
+        max_iter=int(stats.forward.max_iter) if stats else None,
     )

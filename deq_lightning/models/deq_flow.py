@@ -175,6 +175,10 @@ class DEQFlow(nn.Module):
 
     ``corr_levels`` pyramid levels need inputs of at least ``8 * 2**corr_levels`` pixels per
     side (128 for 4 levels; use 3 levels for 64-px crops).
+
+    ``hidden_init`` is where the solve starts its hidden state: ``zero`` (the thesis) or
+    ``context``, RAFT's start: the context encoder outputs ``hidden_dim`` more channels whose
+    ``tanh`` is the initial hidden state (a warm ``state_init`` replaces either).
     """
 
     # The weight-tied module f applies (task.compile=true compiles it; see tasks/base.py).
@@ -191,9 +195,12 @@ class DEQFlow(nn.Module):
         all_grad: bool = False,
         weight_norm: bool = True,
         pixel_max: float = 255.0,
+        hidden_init: str = "zero",
         deq: dict | None = None,
     ) -> None:
         super().__init__()
+        if hidden_init not in ("zero", "context"):
+            raise ValueError(f"hidden_init must be 'zero' or 'context', got {hidden_init!r}")
         if size not in SIZES:
             raise ValueError(f"unknown DEQ-Flow size {size!r}; choose one of {sorted(SIZES)}")
         if n_states < 1:
@@ -206,13 +213,15 @@ class DEQFlow(nn.Module):
         self.n_states = n_states
         self.all_grad = all_grad
         self.pixel_max = float(pixel_max)
+        self.hidden_init = hidden_init
         self.bn_frozen = False
+        init_dim = self.hidden_dim if hidden_init == "context" else 0
 
         self.feature_encoder = FeatureEncoder(
             layers=(*spec.encoder, spec.feature_dim), norm_layer=nn.InstanceNorm2d
         )
         self.context_encoder = FeatureEncoder(
-            layers=(*spec.encoder, self.context_dim), norm_layer=nn.BatchNorm2d
+            layers=(*spec.encoder, self.context_dim + init_dim), norm_layer=nn.BatchNorm2d
         )
         self.update_block = UpdateBlock(
             motion_encoder=MotionEncoder(
@@ -273,7 +282,12 @@ class DEQFlow(nn.Module):
         corr = CorrBlock(num_levels=self.corr_levels, radius=self.corr_radius)
         with torch.autocast(x1.device.type, enabled=False):  # correlation in float32
             corr.build_pyramid(fmap1.float(), fmap2.float())
-        context = torch.relu(self.context_encoder(x1))
+        context = self.context_encoder(x1)
+        hidden0 = None
+        if self.hidden_init == "context":  # RAFT: tanh of the extra channels
+            hidden0, context = context.split([self.hidden_dim, self.context_dim], 1)
+            hidden0 = torch.tanh(hidden0)
+        context = torch.relu(context)
         b, _, h, w = context.shape
         grid = pixel_grid(h, w, x1.device)
 
@@ -289,7 +303,7 @@ class DEQFlow(nn.Module):
             hidden, delta = self.update_block(hidden, context_i, corr_features, flow)
             return hidden, flow + delta
 
-        z0 = self._initial_state(b, h, w, x1.device, flow_init, state_init)
+        z0 = self._initial_state(b, h, w, x1.device, flow_init, state_init, hidden0)
         n_states = self.n_states if self.training else 1
         states, stats = self.deq.trajectory(f, z0, n_states)
         flow_preds = [
@@ -313,6 +327,7 @@ class DEQFlow(nn.Module):
         device: torch.device,
         flow_init: Tensor | None,
         state_init: Sequence[Tensor] | None,
+        hidden0: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         if flow_init is not None and state_init is not None:
             raise ValueError(
@@ -326,7 +341,7 @@ class DEQFlow(nn.Module):
             self._check_shape("state_init hidden", hidden, hidden_shape)
             self._check_shape("state_init flow", flow, flow_shape)
             return hidden.detach().float(), flow.detach().float()
-        hidden = torch.zeros(hidden_shape, device=device)
+        hidden = torch.zeros(hidden_shape, device=device) if hidden0 is None else hidden0.float()
         if flow_init is None:
             return hidden, torch.zeros(flow_shape, device=device)
         self._check_shape("flow_init", flow_init, flow_shape)

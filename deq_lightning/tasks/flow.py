@@ -60,6 +60,10 @@ class FlowTask(DEQTask):
     ``require_init`` makes it mandatory for fitting (the later thesis stages).
     ``pad_mode`` is how evaluation frames are padded to a multiple of 8 (``kitti``: bottom only);
     ``warm_start`` lets benchmark prediction reuse fixed points along sequences.
+    ``train_seed`` reseeds torch's global generator when training starts: the embedded set draws
+    its training pairs from it, so every model (whose initialisation consumes a different amount
+    of randomness) then sees the same pairs; ``train/data_checksum`` (the running sum of the
+    training flows' magnitudes) lets two runs check that they did.
 
     Metrics: ``{stage}/epe``, ``/1px``, ``/3px``, ``/5px`` (percent of pixels below), ``/epe_zero``
     and, for sparse sets, ``/f1_all`` (percent), with ``{stage}/<set>/...`` per set when the
@@ -77,6 +81,7 @@ class FlowTask(DEQTask):
         pad_mode: str = "sintel",
         warm_start: bool = True,
         examples: int = 4,
+        train_seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -89,6 +94,8 @@ class FlowTask(DEQTask):
         self.gamma, self.max_flow, self.pad_mode = gamma, max_flow, pad_mode
         self.freeze_bn, self.init_from, self.examples = freeze_bn, init_from, examples
         self.require_init, self.warm_start = require_init, warm_start
+        self.train_seed = train_seed
+        self._data_checksum = 0.0
         self._previous: Tensor | None = None
         self.set_names: list[str] = []
         self.flow_metrics = self.make_metrics(["default"])
@@ -194,7 +201,13 @@ class FlowTask(DEQTask):
     def is_sparse(self, set_index: int) -> bool:
         return self.set_names[set_index] in SPARSE_SETS
 
+    def on_train_start(self) -> None:
+        if self.train_seed is not None:
+            torch.manual_seed(self.train_seed)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        self._data_checksum += float(batch["flow"].double().abs().sum())
+        self.log("train/data_checksum", self._data_checksum, on_step=True, on_epoch=False)
         return self.step(batch, "train")
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -272,3 +272,29 @@ def test_metric_sums_add_up_across_batches() -> None:
     split = finalize_flow_metrics({k: a[k] + b[k] for k in a})
     for key, value in whole.items():
         assert split[key].item() == pytest.approx(value.item())
+
+
+def test_hidden_init_context_starts_from_the_context_encoder() -> None:
+    """``hidden_init=context`` (RAFT's start): the solve begins at tanh of extra context channels,
+    so the zero-iteration state is not zero, depends on frame 1 and trains the encoder."""
+    zero, ctx = tiny(), tiny(hidden_init="context")
+    out_channels = lambda m: m.context_encoder.conv.out_channels  # noqa: E731
+    assert out_channels(ctx) == out_channels(zero) + ctx.hidden_dim
+    img1, img2 = frames(2)
+    with deq_override(ctx, solver_opts={"max_iter": 1}):
+        captured = {}
+        original = ctx._initial_state
+
+        def spy(*args, **kwargs):
+            captured["z0"] = original(*args, **kwargs)
+            return captured["z0"]
+
+        ctx._initial_state = spy
+        out, _ = ctx(img1, img2)
+    hidden0 = captured["z0"][0]
+    assert hidden0.abs().max() > 0 and hidden0.abs().max() <= 1  # tanh, not zeros
+    assert not torch.allclose(hidden0[0], hidden0[1])  # from each sample's frame 1
+    out["flow"].abs().mean().backward()
+    assert ctx.context_encoder.conv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="hidden_init"):
+        tiny(hidden_init="random")
