@@ -1,4 +1,5 @@
-"""Measurement tools shared by the benchmarks: counted f, timing, peak memory, Markdown tables.
+"""Measurement tools shared by the benchmarks: counted f, timing, peak memory, Markdown tables,
+and one training run through ``train.py`` in a fresh process (metrics, CPU, history, parameters).
 
 Every number a benchmark prints comes from one of these, so that our code and a baseline are
 measured by the same instrument in the same run.
@@ -7,22 +8,28 @@ measured by the same instrument in the same run.
 from __future__ import annotations
 
 import contextlib
+import csv
 import ctypes
+import functools
 import gc
 import json
 import multiprocessing as mp
 import os
+import random
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
 MIB = 2**20
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def sync(device: torch.device) -> None:
@@ -209,28 +216,112 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join([line(headers), sep, *(line(r) for r in cells)])
 
 
+# ----------------------------------------------------------------------------------------------
+# Running and reading one training run
+# ----------------------------------------------------------------------------------------------
+
+
+def run_train(overrides: list[str], run_dir: Path, threads: int) -> dict:
+    """``train.py <overrides>`` in a fresh process; its metrics, CPU and wall time, peak RSS."""
+    if run_dir.exists():
+        raise FileExistsError(f"{run_dir} exists: runs are never reused; remove it or use --out")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "offline"}
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *overrides,
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own CPU time and peak RSS
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = (run_dir.parent / f"{run_dir.name}.log").read_text()[-3000:]
+        raise RuntimeError(f"train.py {' '.join(overrides)} failed:\n{tail}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {
+        "metrics": metrics,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "wall_s": wall,
+        "max_rss_mib": usage.ru_maxrss / 1024,
+    }
+
+
+def history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) series of the run's epoch-level metrics, from its CSV log."""
+    files = sorted(run_dir.glob("csv/**/metrics.csv"))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for path in files:
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                for key, value in row.items():
+                    if value and key not in ("epoch", "step") and not key.endswith("_step"):
+                        name = key.removesuffix("_epoch")
+                        series.setdefault(name, []).append((int(row["step"]), float(value)))
+    return series
+
+
+def count_params(run_dir: Path) -> int:
+    """Parameters of the trained model, each tensor once (a tied embedding and softmax share one:
+    ``torch.load`` keeps the storage sharing that ``state_dict`` lists twice)."""
+    ckpt = next(iter(sorted((run_dir / "checkpoints").glob("*.ckpt"))))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    seen: dict[int, int] = {}
+    for k, v in state.items():
+        if k.startswith("model.") and _is_param(k):
+            seen[v.untyped_storage().data_ptr()] = v.numel()
+    return sum(seen.values())
+
+
+def _is_param(key: str) -> bool:
+    # Batch-norm statistics are buffers, not parameters.
+    return not key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+def prepare_train_step(run_dir: str, threads: int) -> callable:
+    """One training step of the run's task in DEQ mode (no pre-training, no Jacobian term) on
+    its first training batch, ready to run (for :func:`peak_memory_mib`)."""
+    import hydra
+
+    from deq_lightning.config import register_schemas
+
+    register_schemas()
+    torch.manual_seed(0)
+    random.seed(0)
+    cfg = OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml")
+    cfg.paths.output_dir = run_dir
+    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
+    dm.setup("fit")
+    task = hydra.utils.instantiate(cfg.task, _recursive_=False)
+    task.build_for(dm)
+    task.schedule.pretrain_steps = 0
+    task.schedule.jac_loss_weight = 0.0
+    task.train()
+    # The step runs without a Trainer: its metric logging is a no-op, not a problem.
+    warnings.filterwarnings("ignore", message=r".*self\.log\(\).*trainer.*")
+    batch = next(iter(dm.train_dataloader()))
+
+    def step() -> None:
+        task.zero_grad(set_to_none=True)
+        loss = task.training_step(batch, 0)
+        loss.backward()
+
+    return step
+
+
+def step_peak_mib(run_dir: Path, threads: int) -> float | None:
+    prepare = functools.partial(prepare_train_step, str(run_dir), threads)
+    return peak_memory_mib([prepare], torch.device("cpu"), threads)[0]
+
+
 def train_target(experiment: str, threads: int) -> dict:
     """``train.py experiment=<experiment>`` in a fresh process: wall time and final metrics."""
-    root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "offline"}
-        start = time.perf_counter()
-        proc = subprocess.run(
-            [
-                sys.executable,
-                str(root / "train.py"),
-                f"experiment={experiment}",
-                "logger=csv",
-                "trainer.enable_progress_bar=false",
-                f"hydra.run.dir={tmp}/run",
-            ],
-            cwd=tmp,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise RuntimeError(f"train.py failed:\n{proc.stderr[-3000:]}")
-        metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
-    return {"wall_s": wall, **metrics}
+        res = run_train([f"experiment={experiment}"], Path(tmp) / "run", threads)
+    return {"wall_s": res["wall_s"], **res["metrics"]}

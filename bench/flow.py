@@ -55,8 +55,17 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import fmt, markdown_table, peak_memory_mib, timed, train_target
-from equilibrium import count_params, history, run_train, step_peak_mib
+from _common import (
+    count_params,
+    fmt,
+    history,
+    markdown_table,
+    peak_memory_mib,
+    run_train,
+    step_peak_mib,
+    timed,
+    train_target,
+)
 from hydra import compose, initialize_config_dir
 
 from deq_lightning.config import register_schemas
@@ -194,7 +203,7 @@ def peer_overrides(peer: str, experiment: str) -> list[str]:
 
 
 def train_side(name: str, overrides: list[str], runs: Path, args: argparse.Namespace) -> dict:
-    """One side through train.py (bench/equilibrium.run_train): scores, solver health, costs."""
+    """One side through train.py (bench/_common.run_train): scores, solver health, costs."""
     run_dir = runs / name
     if run_dir.exists():
         shutil.rmtree(run_dir)

@@ -24,7 +24,6 @@ Every training run is a real ``train.py`` process; the other measurements load i
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import os
@@ -40,7 +39,7 @@ import hydra
 import matplotlib
 import pytorch_lightning as pl
 import torch
-from _common import markdown_table, peak_memory_mib, timed
+from _common import history, markdown_table, peak_memory_mib, timed
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
@@ -198,13 +197,7 @@ def train_run(task: str, jr: bool, out: Path, quick: bool, threads: int) -> Path
 
 def val_history(run_dir: Path) -> list[tuple[int, float]]:
     """(step, val/fwd_nstep) at each validation of a run, from its CSV log."""
-    rows = []
-    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
-        with open(path, newline="") as fh:
-            for row in csv.DictReader(fh):
-                if row.get("val/fwd_nstep"):
-                    rows.append((int(row["step"]), float(row["val/fwd_nstep"])))
-    return rows
+    return history(run_dir).get("val/fwd_nstep", [])
 
 
 def checkpoint(run_dir: Path) -> Path:

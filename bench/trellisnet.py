@@ -21,8 +21,6 @@ import argparse
 import functools
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from _common import peak_memory_mib
+from _common import peak_memory_mib, run_train
 from hydra import compose, initialize_config_dir
 
 from deq_lightning.config import register_schemas
@@ -153,16 +151,9 @@ RECIPES = {
 def train_study() -> dict:
     results = {}
     for experiment in RECIPES:
-        run_dir = Path(tempfile.mkdtemp(prefix=f"trellisnet_{experiment}_"))
-        args = ["train.py", f"experiment={experiment}", "logger=csv", f"hydra.run.dir={run_dir}"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.perf_counter()
-        subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True)
-        wall = time.perf_counter() - start
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        run_dir = Path(tempfile.mkdtemp(prefix=f"trellisnet_{experiment}_")) / "run"
+        res = run_train([f"experiment={experiment}"], run_dir, 1)
+        metrics, wall, cpu = res["metrics"], res["wall_s"], res["cpu_s"]
         metric, floor = RECIPES[experiment]
         results[experiment] = {
             "command": f"OMP_NUM_THREADS=1 python train.py experiment={experiment}",

@@ -14,6 +14,8 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
+from deq_lightning.callbacks.checkpoint import write_atomic
+
 # A log record attribute: the message was already printed to the console (``run.say``).
 CONSOLE_ECHO = "console_echo"
 
@@ -80,9 +82,7 @@ def truncate_csv(path: Path, step: int) -> None:
     writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(out.getvalue())
-    tmp.replace(path)
+    write_atomic(path, lambda f: f.write(out.getvalue().encode()))
 
 
 # ------------------------------------------------------------------------------ W&B offline

@@ -653,9 +653,7 @@ def floats(metrics: dict[str, Any]) -> dict[str, float]:
 def write_metrics(path: Path, metrics: dict[str, float]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     clean = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(clean, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write((json.dumps(clean, indent=2) + "\n").encode()))
 
 
 @rank_zero_only
