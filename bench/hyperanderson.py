@@ -4,7 +4,7 @@ python bench/hyperanderson.py                 # trains cls_digits once (~2 min),
 python bench/hyperanderson.py --run logs/train/runs/<run>   # any trained run (its hyperanderson.pt
                                                               # is trained first if missing)
 
-The target (issue 7; thesis ch. 6, deq_systems.md §1.5: "1.6-2x inference speedup"): reach the
+The target (issue 7; thesis ch. 6, docs/thesis.md §5: "1.6-2x inference speedup"): reach the
 residual Anderson reaches within the run's own evaluation budget in >= 1.5x less wall-clock. Per
 validation batch, Anderson first runs at the run's budget; the mean relative residual it reaches
 is the target; then both solvers run side by side with that target as tolerance (at most

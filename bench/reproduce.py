@@ -4,7 +4,7 @@
     python bench/reproduce.py --quick --out /tmp/repro                      # end-to-end smoke run
 
 Three studies, each on the tiny models of this project's CPU experiments, each printed next to the
-thesis's corresponding number (``../shared/reference/deq_systems.md`` §1.1, §1.4-1.6):
+thesis's corresponding number (``docs/thesis.md`` §1, §4-6):
 
 1. **Constant memory.** Peak memory of one training step against the number of solver steps N:
    the DEQ (N forward iterations, implicit backward of at most N iterations) against backprop
@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOLVERS = ("fixed_point", "anderson", "broyden")
 
 # What each task is, how its metric reads, and the training runs of the JR study. The JR weights
-# and frequencies are ours, chosen for these tiny models (the thesis's are in deq_systems.md §1.4:
+# and frequencies are ours, chosen for these tiny models (the thesis's are in docs/thesis.md §4:
 # CIFAR gamma 0.5 at p 0.05, WT103 gamma 1.6->2.5 at p 0.35).
 TASKS: dict[str, dict] = {
     "digits": {
@@ -371,7 +371,7 @@ def write_report(out: Path, memory: dict, jr: dict, solvers: dict, header: str) 
             "",
             'Thesis: DEQ-Transformer 3.7 GB vs Transformer-XL 9.0 GB on WikiText-103, "over 80%'
             ' (up to 88%) reduction in memory" (DEQ paper, Tables 2-4); DEQ-Flow "4-6x less'
-            ' training memory" than RAFT (deq_systems.md §1.1, §1.6). Scale: our models have'
+            ' training memory" than RAFT (docs/thesis.md §1, §6). Scale: our models have'
             " 0.05-0.5M parameters and batches of 16-64 small inputs; the thesis's have 5-110M.",
             "",
         ]
@@ -398,7 +398,7 @@ def write_report(out: Path, memory: dict, jr: dict, solvers: dict, header: str) 
             "",
             "Thesis: CIFAR-10 MDEQ 93.6% at 17 NFE -> +JR 93.1% at 6 NFE; unregularized hard-stopped"
             " at 6 NFE 89.1%. WikiText-103 DEQ 24.0 ppl at 30 NFE -> +JR 24.9 ppl at 12 NFE;"
-            " hard-stopped at 12 NFE 29.2 (deq_systems.md §1.4). Scale: digits (8x8 images, 1.8k"
+            " hard-stopped at 12 NFE 29.2 (docs/thesis.md §4). Scale: digits (8x8 images, 1.8k"
             " samples) and a synthetic corpus in minutes on CPU, against CIFAR-10/WT103 on GPUs.",
             "",
         ]
@@ -439,7 +439,7 @@ def write_report(out: Path, memory: dict, jr: dict, solvers: dict, header: str) 
             " wall-clock of the whole test set, each solver run for k steps on a grid.",
             "",
             "Thesis: HyperAnderson 1.6-2x faster inference at equal accuracy, its Pareto curves"
-            " dominating Anderson and Broyden (deq_systems.md §1.5); wall-clock, not NFE, is the"
+            " dominating Anderson and Broyden (docs/thesis.md §5); wall-clock, not NFE, is the"
             " measure.",
             "",
         ]

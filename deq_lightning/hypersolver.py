@@ -1,6 +1,6 @@
 """Train a HyperAnderson solver for any trained run (``train_hypersolver.py``; thesis ch. 6).
 
-Following Bai, Koltun & Kolter (ICLR 2022; ``deq_systems.md`` §1.5): the DEQ is frozen; its
+Following Bai, Koltun & Kolter (ICLR 2022; ``docs/thesis.md`` §5): the DEQ is frozen; its
 "ground-truth" fixed points z* come from a long, tight classic solve on training batches; the
 solver's parameters are trained by backpropagation through K HyperAnderson steps with
 
@@ -12,7 +12,7 @@ solver's parameters are trained by backpropagation through K HyperAnderson steps
 Before BPTT, the ``coordinate`` initializer is set to its closed-form least-squares fit of L_init
 (a per-coordinate regression), which gradient steps at this learning rate would take hundreds of
 steps to reach. Distances are relative to ||z*|| so that one weighting works for every model. The
-appendix with the paper's exact weights was not retrieved (§1.5), so ours are stated as options.
+appendix with the paper's exact weights was not retrieved (§5), so ours are stated as options.
 The z* solve uses
 100 steps as in the paper ("e.g. 100 Broyden steps"); K defaults to the run's forward budget (the
 paper uses K = 12 on ImageNet). The problems are collected once; each training step draws one.

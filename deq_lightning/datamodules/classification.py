@@ -179,7 +179,7 @@ CIFAR10_LAYOUT = """\
   each a pickle of {b'data': uint8 array (N, 3072), b'labels': [N ints in 0..9]}
   (the archive cifar-10-python.tar.gz, unpacked)"""
 
-# Normalisation of the thesis repo (MDEQ-Vision tools/cls_train.py; deq_systems.md §1.2).
+# Normalisation of the thesis repo (MDEQ-Vision tools/cls_train.py; docs/thesis.md §2).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))

@@ -1,6 +1,6 @@
 """HyperAnderson: Anderson acceleration steered by a small learned network (thesis ch. 6).
 
-The neural DEQ solver of Bai, Koltun & Kolter (ICLR 2022; ``deq_systems.md`` §1.5) has two parts,
+The neural DEQ solver of Bai, Koltun & Kolter (ICLR 2022; ``docs/thesis.md`` §5) has two parts,
 both trained with the DEQ frozen (see :mod:`deq_lightning.hypersolver`):
 
 * an **initializer** h(x) that predicts a better starting point than zeros;

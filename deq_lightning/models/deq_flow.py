@@ -19,7 +19,7 @@ correction*, :func:`fixed_point_correction_loss`); phantom and implicit gradient
 core's backward modes. The building blocks are torchvision's RAFT modules, reused by import.
 
 Architecture facts (from locuslab/deq-flow ``code.v.2.0/core/deq_flow.py``, ``update.py``,
-``main.py``, ``evaluate.py``; see deq_systems.md §1.6): the hidden state starts at zero, the flow
+``main.py``, ``evaluate.py``; see docs/thesis.md §6): the hidden state starts at zero, the flow
 at zero; the context encoder outputs ``context_dim`` channels; the flow head is twice the motion
 width (v2). Parameter counts: B (hidden 128) 5.243M and H (256) 13.395M, as deq-flow prints
 them; L (192) 8.67M (v1, whose flow head was capped at 256, had 8.4M).

@@ -8,7 +8,7 @@ zeros. Task heads read the equilibrium streams: :class:`MDEQClassifier` below (H
 a segmentation head reuses :class:`MDEQBackbone` the same way.
 
 Architecture facts come from locuslab/deq ``MDEQ-Vision/lib/models/mdeq_core.py`` and
-``mdeq.py`` (summarised in deq_systems.md §1.2); default sizes are the thesis's CIFAR-10 model
+``mdeq.py`` (summarised in docs/thesis.md §2); default sizes are the thesis's CIFAR-10 model
 ``experiments/cifar/cls_mdeq_LARGE.yaml`` (channels [32, 64, 128, 256], head [14, 28, 56, 112],
 final 1680, expansion 5, 8 groups, dropout 0.3, no stem downsampling, post-fuse GN not affine).
 """
@@ -210,7 +210,7 @@ class MDEQBackbone(nn.Module):
 
     ``deq`` holds the :class:`~deq_lightning.deq.DEQ` settings (solver, budgets, backward mode).
     The thesis's CIFAR runs use Broyden with 18 forward / 20 backward steps, ``stop_mode="rel"``;
-    its ImageNet and Cityscapes runs 26-27 / 27-30 steps, ``"abs"`` (deq_systems.md §1.2-1.3).
+    its ImageNet and Cityscapes runs 26-27 / 27-30 steps, ``"abs"`` (docs/thesis.md §2-3).
 
     ``depth > 0`` builds the *layered twin* instead: ``depth`` copies of the same layer with
     their own weights, applied once each from the same zero streams with the same injection,
@@ -434,7 +434,7 @@ class MDEQClassifier(nn.Module):
 # The backbone above, unchanged, drives every resolution stream to a joint fixed point; the head
 # only reads the equilibrium: each stream is upsampled (bilinear) to the highest stream's
 # resolution, the streams are concatenated, and a conv1x1 + BN + ReLU mixes them before a
-# per-pixel classifier (reference MDEQ-Vision/lib/models/mdeq.py:MDEQSegNet; deq_systems.md §1.3).
+# per-pixel classifier (reference MDEQ-Vision/lib/models/mdeq.py:MDEQSegNet; docs/thesis.md §3).
 # With the thesis's downsample_times=2 the logits are at 1/4 of the input resolution; the task
 # upsamples them to the label size. Defaults are the thesis's Cityscapes MDEQ-small
 # (experiments/cityscapes/seg_mdeq_SMALL.yaml): BN momentum 0.01, dropout 0.05, a 1x1 final conv.
