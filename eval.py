@@ -7,8 +7,8 @@ python eval.py ckpt_path=<run>/checkpoints/last.ckpt solver.eval_opts.max_iter=6
 import hydra
 from omegaconf import DictConfig
 
+from deq_lightning.app.evaluate import evaluate
 from deq_lightning.config import register_schemas
-from deq_lightning.run import evaluate
 
 register_schemas()
 

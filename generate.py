@@ -6,8 +6,8 @@ python generate.py run_dir=logs/train/runs/<lm run> prompt="the cat" n_tokens=40
 import hydra
 from omegaconf import DictConfig
 
+from deq_lightning.app.generate import generate_text
 from deq_lightning.config import register_schemas
-from deq_lightning.run import generate_text
 
 register_schemas()
 

@@ -10,8 +10,8 @@ python predict_flow.py ckpt_path=<ckpt> input=clip.mp4 solver.eval_opts.max_iter
 import hydra
 from omegaconf import DictConfig
 
+from deq_lightning.app.predict_flow import predict_flow
 from deq_lightning.config import register_schemas
-from deq_lightning.predict_flow import predict_flow
 
 register_schemas()
 

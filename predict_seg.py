@@ -9,8 +9,8 @@ python predict_seg.py ckpt_path=<ckpt> input_dir=data/cityscapes/leftImg8bit/tes
 import hydra
 from omegaconf import DictConfig
 
+from deq_lightning.app.predict_seg import predict_segmentation
 from deq_lightning.config import register_schemas
-from deq_lightning.predict import predict_segmentation
 
 register_schemas()
 

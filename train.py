@@ -8,8 +8,9 @@ python train.py -m solver=anderson,broyden seed=0,1  # a sweep, one W&B run per 
 import hydra
 from omegaconf import DictConfig
 
+from deq_lightning.app.results import metric_value
+from deq_lightning.app.train import train
 from deq_lightning.config import register_schemas
-from deq_lightning.run import metric_value, train
 
 register_schemas()
 

@@ -7,8 +7,8 @@ python train_hypersolver.py ckpt_path=<run>/checkpoints/last.ckpt hyper.steps=50
 import hydra
 from omegaconf import DictConfig
 
+from deq_lightning.app.hypersolver import register_schema, train_for_run
 from deq_lightning.config import register_schemas
-from deq_lightning.hypersolver import register_schema, train_for_run
 
 register_schemas()
 register_schema()

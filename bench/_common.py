@@ -189,6 +189,25 @@ def _proc_status_kib(key: str) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def git_commit() -> str | None:
+    """The commit the measured code is at (``None`` outside a git checkout), with ``+dirty`` when
+    tracked files differ from it: ``bench/readme.py`` marks figures older than their code by it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def rel_err(a: Sequence[Tensor], b: Sequence[Tensor]) -> tuple[float, float]:
     """``||a - b|| / ||b||`` over all tensors together, and the worst single tensor's."""
     a64 = [t.detach().double().cpu().flatten() for t in a]

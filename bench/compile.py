@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _common import markdown_table
+from _common import git_commit, markdown_table
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +50,7 @@ def build(case: Case) -> tuple[nn.Module, Callable[[nn.Module], Tensor]]:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from deq_lightning.config import register_schemas
-    from deq_lightning.tasks.base import build_model, plain
+    from deq_lightning.config import build_model, plain, register_schemas
 
     register_schemas()
     GlobalHydra.instance().clear()
@@ -131,6 +130,7 @@ def main() -> None:
     rows = [measure(CASES[name], args.repeats) for name in args.cases]
     report = {
         "command": f"OMP_NUM_THREADS={threads} python bench/compile.py --out {args.out.name}",
+        "commit": git_commit(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "threads": threads,
         "load_average": [load, os.getloadavg()[0]],

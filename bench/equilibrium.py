@@ -37,7 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from _common import count_params, history, markdown_table, run_train, step_peak_mib
+from _common import (
+    count_params,
+    git_commit,
+    history,
+    markdown_table,
+    run_train,
+    step_peak_mib,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,6 +143,7 @@ def run_family(name: str, args: argparse.Namespace) -> list[dict]:
             "model": model,
             "experiment": fam.experiment,
             "command": command,
+            "commit": git_commit(),
             "overrides": overrides,
             "metric": fam.metric,
             "value": m.get(fam.metric),

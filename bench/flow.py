@@ -58,6 +58,7 @@ import torch
 from _common import (
     count_params,
     fmt,
+    git_commit,
     history,
     markdown_table,
     peak_memory_mib,
@@ -68,9 +69,8 @@ from _common import (
 )
 from hydra import compose, initialize_config_dir
 
-from deq_lightning.config import register_schemas
+from deq_lightning.config import build_model, plain, register_schemas
 from deq_lightning.deq import deq_override
-from deq_lightning.tasks.base import build_model, plain
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -284,10 +284,11 @@ def run_sides(args: argparse.Namespace) -> None:
         train_side(name, overrides, args.runs / kind, args) for name, overrides in sides.items()
     ]
     cmd = f"OMP_NUM_THREADS={args.threads} python bench/flow.py {' '.join(sys.argv[1:])}".strip()
+    commit = git_commit()  # per row: rows kept from earlier runs keep their own
     for row in rows:
         # The Jacobian term's random projections draw from the generator the pairs come from.
         row["same_pairs_as_deq_flow"] = row["data_checksum"] == rows[0]["data_checksum"]
-        row["command"] = cmd
+        row["command"], row["commit"] = cmd, commit
     json_name, md_name, png_name = OUTPUTS[kind]
     rows = rows[:1] + kept_rows(args.out / json_name, rows, args) + rows[1:]
     sums = {r["data_checksum"] for r in rows if r["data_checksum"] is not None}

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import MIB, fmt, markdown_table
+from _common import MIB, fmt, git_commit, markdown_table
 from thesis_scale import PAIRS, Case, build_task, compose_case, make_batch, measuring_pool, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,6 +291,7 @@ def main() -> None:
     rows = run_all(args, dry=not cuda)
     meta = {
         "command": "python bench/gpu.py " + " ".join(sys.argv[1:]),
+        "commit": git_commit(),
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "cuda": cuda,
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})",

@@ -30,17 +30,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._common import fmt, markdown_table, timed  # noqa: E402
-from deq_lightning.deq.hyper import hyper_solve, load_hypersolver  # noqa: E402
-from deq_lightning.deq.scope import forward_scope  # noqa: E402
-from deq_lightning.deq.solvers import run_flat  # noqa: E402
-from deq_lightning.hypersolver import (  # noqa: E402
+from deq_lightning.app.hypersolver import (  # noqa: E402
     WEIGHTS_FILE,
     HyperTrainOptions,
     collect_problems,
     forward_budget,
-    load_run,
+    frozen_task,
     train_for_run,
 )
+from deq_lightning.app.runs import load_run  # noqa: E402
+from deq_lightning.deq.hyper import hyper_solve, load_hypersolver  # noqa: E402
+from deq_lightning.deq.scope import forward_scope  # noqa: E402
+from deq_lightning.deq.solvers import run_flat  # noqa: E402
 
 
 def train_digits(where: Path) -> Path:
@@ -72,7 +73,8 @@ def main() -> None:
     if args.retrain or not weights.is_file():
         train_for_run(cfg)
     net, meta = load_hypersolver(weights)
-    task, datamodule, _, _ = load_run(cfg)
+    run = load_run(run_dir)
+    task, datamodule = frozen_task(run), run.datamodule()
     budget = forward_budget(task)
     trained = {**vars(HyperTrainOptions()), **meta.get("options", {})}
     m, lam, beta = trained["m"], trained["lam"], trained["beta"]

@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=2 python bench/reproduce.py --out reports/reproduction   # ~25 min, 2 CPU cores
     python bench/reproduce.py --quick --out /tmp/repro                      # end-to-end smoke run
+    python bench/reproduce.py --studies solvers --reuse --hyper digits=...  # on earlier runs
 
 Three studies, each on the tiny models of this project's CPU experiments, each printed next to the
 thesis's corresponding number (``docs/thesis.md`` §1, §4-6):
@@ -19,6 +20,8 @@ thesis's corresponding number (``docs/thesis.md`` §1, §4-6):
    test set timed as a whole).
 
 Every training run is a real ``train.py`` process; the other measurements load its checkpoint.
+Runs and results left in ``--out`` by an earlier call are used only with ``--reuse``;
+``results.json`` records, for every input, the command that produced it and whether it was reused.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import hydra
 import matplotlib
 import pytorch_lightning as pl
 import torch
-from _common import history, markdown_table, peak_memory_mib, timed
+from _common import git_commit, history, markdown_table, peak_memory_mib, timed
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
@@ -167,7 +170,11 @@ def memory_study(experiments: list[str], steps: list[int], threads: int) -> dict
 # ---------------------------------------------------------------------------- 2. JR study
 
 
-def train_run(task: str, jr: bool, out: Path, quick: bool, threads: int) -> Path:
+def train_run(
+    task: str, jr: bool, out: Path, quick: bool, threads: int, reuse: bool
+) -> tuple[Path, dict]:
+    """The run directory of a JR-study run and how it came about: its ``train.py`` command, the
+    commit it ran at, whether this call reused it. An existing run is used only when ``reuse``."""
     spec = TASKS[task]
     run_dir = out / "runs" / f"{task}_{'jr' if jr else 'plain'}"
     args = [
@@ -180,9 +187,15 @@ def train_run(task: str, jr: bool, out: Path, quick: bool, threads: int) -> Path
         *spec.get("quick" if quick else "full", []),
         *(spec["jr"] if jr else ["task.jac_loss_weight=0"]),
     ]
+    made_by = run_dir / "made_by.json"
+    if run_dir.exists() and not reuse:
+        raise FileExistsError(
+            f"{run_dir} exists from an earlier call: pass --reuse to use it, or remove it"
+        )
     if (run_dir / "metrics.json").is_file():
         log(f"reusing {run_dir}")
-        return run_dir
+        record = json.loads(made_by.read_text()) if made_by.is_file() else {"command": None}
+        return run_dir, {**record, "reused": True}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "offline"}
     start = time.perf_counter()
     proc = subprocess.run(
@@ -192,7 +205,12 @@ def train_run(task: str, jr: bool, out: Path, quick: bool, threads: int) -> Path
         raise RuntimeError(f"train.py {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
     (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
     log(f"trained {run_dir} in {time.perf_counter() - start:.0f} s")
-    return run_dir
+    record = {
+        "command": f"OMP_NUM_THREADS={threads} python train.py {' '.join(args)}",
+        "commit": git_commit(),
+    }
+    made_by.write_text(json.dumps(record) + "\n")  # read back when a later call reuses the run
+    return run_dir, {**record, "reused": False}
 
 
 def val_history(run_dir: Path) -> list[tuple[int, float]]:
@@ -245,12 +263,16 @@ def fixed_budget(solver: str, k: int, extra: dict | None = None) -> dict:
     return {"solver": solver, "solver_opts": opts, "eval_solver_opts": dict(opts)}
 
 
-def jr_study(tasks: list[str], out: Path, quick: bool, threads: int) -> dict:
+def jr_study(
+    tasks: list[str], out: Path, quick: bool, threads: int, reuse: bool, inputs: dict
+) -> dict:
+    """The JR study's results; each training run's record goes to ``inputs``."""
     results = {}
     for name in tasks:
         entry = {}
         for jr in (False, True):
-            run_dir = train_run(name, jr, out, quick, threads)
+            run_dir, record = train_run(name, jr, out, quick, threads, reuse)
+            inputs[f"jr/{name}/{'jr' if jr else 'plain'}"] = record
             final = json.loads((run_dir / "metrics.json").read_text())
             small, _, _ = Trained(name, run_dir, quick).test(fixed_budget("anderson", SMALL_BUDGET))
             entry["jr" if jr else "plain"] = {
@@ -259,6 +281,7 @@ def jr_study(tasks: list[str], out: Path, quick: bool, threads: int) -> dict:
                 "metric": final[TASKS[name]["metric"]],
                 "nstep": final.get("test/fwd_nstep"),
                 "metric_small_budget": small,
+                "small_budget": SMALL_BUDGET,
                 "wall_s": float((run_dir / "wall_s.txt").read_text()),
             }
         results[name] = entry
@@ -512,6 +535,11 @@ def main() -> None:
         "--memory-experiments", nargs="+", default=list(MEMORY_EXPERIMENTS), metavar="EXP"
     )
     ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="use training runs and results an earlier call left in --out (default: all fresh)",
+    )
+    ap.add_argument(
         "--hyper",
         nargs="*",
         default=[],
@@ -526,25 +554,37 @@ def main() -> None:
     hyper = dict(h.split("=", 1) for h in args.hyper)
     start = time.perf_counter()
 
-    # Studies run separately add to the results already in --out (e.g. solvers once a
-    # HyperAnderson file exists); the report covers everything measured so far.
+    # With --reuse, studies run separately add to the results already in --out (e.g. solvers
+    # once a HyperAnderson file exists); without it the results are this call's alone.
     saved = args.out / "results.json"
-    results = json.loads(saved.read_text()) if saved.is_file() else {}
+    results = json.loads(saved.read_text()) if args.reuse and saved.is_file() else {}
+    command = f"python bench/reproduce.py {' '.join(sys.argv[1:])}"
+    made = {"command": command, "commit": git_commit(), "reused": False}
+    # Whatever an earlier call left and this one keeps is, from here on, reused.
+    inputs = {k: {**v, "reused": True} for k, v in results.get("inputs", {}).items()}
+    results["inputs"] = inputs
     if "memory" in args.studies:
         steps = [2, 4] if args.quick else [4, 8, 16, 32]
         results.setdefault("memory", {}).update(memory_study(experiments, steps, args.threads))
+        inputs.update({f"memory/{e}": made for e in experiments})
     if {"jr", "solvers"} & set(args.studies):
         results.setdefault("jr", {}).update(
-            jr_study(args.tasks, args.out, args.quick, args.threads)
+            jr_study(args.tasks, args.out, args.quick, args.threads, args.reuse, inputs)
         )
     if "solvers" in args.studies:
         hyper_files = {k: Path(v) for k, v in hyper.items()}
         results.setdefault("solvers", {}).update(
             solver_study(args.tasks, results["jr"], args.quick, hyper_files)
         )
+        inputs.update({f"solvers/{t}": made for t in args.tasks})
+        # A --hyper file is made by train_hypersolver.py outside this command.
+        given = {
+            f"hyper/{t}": {"file": f, "command": None, "reused": True} for t, f in hyper.items()
+        }
+        inputs.update(given)
     load = os.getloadavg()[1] if hasattr(os, "getloadavg") else float("nan")
     results.setdefault("invocations", []).append(
-        f"`python bench/reproduce.py {' '.join(sys.argv[1:])}`: torch {torch.__version__}, CPU"
+        f"`{command}`: torch {torch.__version__}, CPU"
         f" ({os.cpu_count()} cores, load average {load:.1f} at the end), {args.threads}"
         f" thread(s), {(time.perf_counter() - start) / 60:.1f} min."
     )

@@ -38,9 +38,8 @@ import torch.nn.functional as F
 from _common import markdown_table, peak_memory_mib, timed, train_target
 from hydra import compose, initialize_config_dir
 
-from deq_lightning.config import register_schemas
+from deq_lightning.config import build_model, plain, register_schemas
 from deq_lightning.deq import deq_override
-from deq_lightning.tasks.base import build_model, plain
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0

@@ -2,6 +2,8 @@
 
     OMP_NUM_THREADS=1 python bench/solvers.py            # full run (~10 min on one CPU thread)
     OMP_NUM_THREADS=1 python bench/solvers.py --quick    # small sizes, a smoke test
+    OMP_NUM_THREADS=1 python bench/solvers.py --problems conv attn --out reports/solvers.json
+                                                          # + the JSON the README renders
     python bench/solvers.py --device cuda
     OMP_NUM_THREADS=1 python bench/solvers.py --compaction --out reports/compaction.json
                                                           # batch compaction on vs off only
@@ -45,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from _common import Probe, markdown_table, peak_memory_mib, rel_err, timed
+from _common import Probe, git_commit, markdown_table, peak_memory_mib, rel_err, timed
 from torch import Tensor, nn
 
 from deq_lightning.deq import DEQ, solve, solver_options
@@ -533,9 +535,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def targets(results: list[ProblemResults], have_td: bool) -> str:
-    """Each target of the issue with its measured numbers and whether it is met."""
-    rows: list[list[object]] = []
+def targets(results: list[ProblemResults], have_td: bool) -> list[list[str]]:
+    """Each target of the issue: [target, its measured numbers, whether it is met]."""
+    rows: list[list[str]] = []
 
     def add(what: str, per: dict[str, tuple[str, bool | None]]) -> None:
         known = [ok for _, ok in per.values() if ok is not None]
@@ -589,7 +591,39 @@ def targets(results: list[ProblemResults], have_td: bool) -> str:
     if flat:
         add("training step: implicit@60 <= 1.1x implicit@10", flat)
         add("training step: implicit@60 >= 85% below unrolled@40", below)
-    return markdown_table(["target", "measured", "verdict"], rows)
+    return rows
+
+
+def report_json(results: list[ProblemResults], quick: bool, td_version: str | None) -> dict:
+    """The forward solves and the targets' verdicts, for ``bench/readme.py``."""
+    forward = [
+        {
+            "problem": pr.problem.label,
+            "solver": r.case.label,
+            "nfe": r.nfe,
+            "converged": r.converged,
+            "residual": r.residual,
+            "seconds": r.seconds,
+            "overhead": r.overhead,
+            "peak_mib": r.peak_mib,
+        }
+        for pr in results
+        for r in pr.forward
+    ]
+    return {
+        "command": "python bench/solvers.py " + " ".join(sys.argv[1:]),
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "torchdeq": td_version,
+        "threads": torch.get_num_threads(),
+        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "quick": quick,
+        "forward": forward,
+        "targets": [
+            dict(zip(("target", "measured", "verdict"), r))
+            for r in targets(results, td_version is not None)
+        ],
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -697,6 +731,7 @@ def bench_compaction(args: argparse.Namespace, device: torch.device) -> dict:
         log(f"[compaction] {solver}: {med['off'] / med['on']:.2f}x")
     return {
         "command": "python bench/solvers.py " + " ".join(sys.argv[1:]),
+        "commit": git_commit(),
         "problem": f"conv cell {'x'.join(map(str, z0.shape))}, gains {EASY_GAIN}/{HARD_GAIN} "
         "alternating (easy/hard halves)",
         "tol": TOL,
@@ -791,7 +826,7 @@ def main() -> None:
     parser.add_argument(
         "--compaction", action="store_true", help="only batch compaction on vs off (JSON)"
     )
-    parser.add_argument("--out", default=None, help="--compaction: write the JSON report here")
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -811,6 +846,10 @@ def main() -> None:
         td_version = None
     results = [bench_problem(n, args, device, td_version is not None) for n in args.problems]
     print_report(results, args, device, td_version)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        report = report_json(results, args.quick, td_version)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 
 
 def print_report(
@@ -882,7 +921,9 @@ def print_report(
     print("### Targets\n")
     if args.quick:
         print("Quick sizes: a smoke test; these verdicts say nothing about the targets.\n")
-    print(targets(results, td_version is not None))
+    print(
+        markdown_table(["target", "measured", "verdict"], targets(results, td_version is not None))
+    )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import MIB, _proc_status_kib, _release, _reset_peak_rss, fmt, markdown_table
+from _common import (
+    MIB,
+    _proc_status_kib,
+    _release,
+    _reset_peak_rss,
+    fmt,
+    git_commit,
+    markdown_table,
+)
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -697,6 +705,7 @@ def main() -> None:
             rows.append(measure_pair(name, args, measured, shared))
     meta = {
         "command": "OMP_NUM_THREADS=1 python bench/thesis_scale.py " + " ".join(sys.argv[1:]),
+        "commit": git_commit(),
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "torch": torch.__version__,
         "cpu": f"{platform.machine()}, {os.cpu_count()} CPUs",

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from _common import peak_memory_mib, run_train
+from _common import git_commit, peak_memory_mib, run_train
 from hydra import compose, initialize_config_dir
 
 from deq_lightning.config import register_schemas
@@ -79,7 +79,7 @@ def prepare_ptb_step(depth: int, batch: int, length: int, n: int) -> Callable[[]
     the words): the DEQ with n forward/backward solver steps, or the twin of ``depth`` levels."""
     torch.manual_seed(0)
     cfg = compose_experiment("ptb_deq_trellisnet", [f"model.depth={depth}"])
-    from deq_lightning.tasks.base import build_model, plain
+    from deq_lightning.config import build_model, plain
 
     model_cfg = {**plain(cfg.task.model), "vocab_size": 10000}
     model = build_model(model_cfg, plain(cfg.task.solver), plain(cfg.task.backward)).train()
@@ -99,7 +99,7 @@ def prepare_ptb_step(depth: int, batch: int, length: int, n: int) -> Callable[[]
 
 
 def n_params(experiment: str, overrides: list[str], vocab: int) -> int:
-    from deq_lightning.tasks.base import build_model, plain
+    from deq_lightning.config import build_model, plain
 
     cfg = compose_experiment(experiment, overrides)
     model = build_model({**plain(cfg.task.model), "vocab_size": vocab}, None, None)
@@ -187,6 +187,8 @@ def main() -> None:
     saved = args.out / "results.json"
     results = json.loads(saved.read_text()) if saved.is_file() else {}
     start = time.perf_counter()
+    # Each study's commit: studies run separately share this file (bench/readme.py dates them).
+    results.setdefault("commits", {}).update(dict.fromkeys(args.studies, git_commit()))
     if "memory" in args.studies:
         results["memory"] = memory_study(args.threads)
     if "ptb" in args.studies:

@@ -1,96 +1,141 @@
-"""Structured-config schemas, so that a typo or a wrong type fails when Hydra composes.
+"""Config -> DEQ in one place: the structured schemas, the translation, its validation.
 
 The schemas are *derived* rather than written out: solver schemas from each registered solver's
-options and defaults, backward schemas from each mode's defaults, and the trainer schema from
-``pytorch_lightning.Trainer``'s signature. A new solver option or Trainer argument therefore needs
-no change here. YAML options in ``conf/`` start from them (``- /schema/solver@_here_: anderson``):
-``solver.mm=3`` fails with "Key 'mm' not in ...", ``solver.max_iter=abc`` with a type error.
+typed options (:class:`~deq_lightning.deq.Option`), backward schemas from each mode's, and the
+trainer schema from ``pytorch_lightning.Trainer``'s signature. A new solver option or Trainer
+argument therefore needs no change here. YAML options in ``conf/`` start from them
+(``- /schema/solver@_here_: anderson``): ``solver.mm=3`` fails with "Key 'mm' not in ...",
+``solver.max_iter=abc`` with a type error.
+
+:func:`deq_kwargs` turns the ``solver``/``backward`` nodes into :class:`~deq_lightning.deq.DEQ`
+arguments, :func:`build_model` hands them to a model, and :func:`check_task_config` validates
+them before any data is read, with errors in the keys a user types (:func:`user_keys`).
+:class:`DEQSchedule` reads the task's own DEQ keys (pre-training, Jacobian term, jitter).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
+import types
 import typing
 from typing import Any, Optional
 
+import hydra
 import pytorch_lightning as pl
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
 
-from deq_lightning.deq import list_backwards, list_solvers, solver_options
-from deq_lightning.deq.backward import IMPLICIT_DEFAULTS, get_backward
+from deq_lightning.deq import (
+    DEQ,
+    get_backward,
+    list_backwards,
+    list_solvers,
+    solver_option_types,
+    solver_options,
+)
 
 _PRIMITIVES = (int, float, bool, str)
-# Options whose default is None but whose set values have a type: Broyden's memory, HyperAnderson's
-# weights file.
-_OPTIONAL_TYPES = {"memory": Optional[int], "path": Optional[str]}
+# Keys of the nodes that are not options of the solver / backward mode.
+_SOLVER_META = ("name", "eval_opts", "extra_ok")
+_BACKWARD_META = ("name", "solver_opts", "extra_ok")
 
 
-def _type_of(key: str, default: Any) -> Any:
-    if key in _OPTIONAL_TYPES:
-        return _OPTIONAL_TYPES[key]
-    if default is None:
-        return Any
-    if isinstance(default, bool):
-        return bool
-    return type(default) if isinstance(default, _PRIMITIVES) else Any
+def plain(value: Any) -> Any:
+    """Hydra containers -> dicts/lists (resolved); anything else unchanged."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
-def _make(cls_name: str, values: dict[str, Any], extra: list | None = None, optional=False):
-    """A dataclass with one typed field per value (all Optional with default None if asked)."""
-    spec = []
-    for key, default in values.items():
-        typ = _type_of(key, default)
-        if optional and typ is not Any:
-            typ, default = Optional[typ], None
-        spec.append((key, typ, dataclasses.field(default=default)))
-    return dataclasses.make_dataclass(cls_name, spec + (extra or []))
+# ------------------------------------------------------------------------------ schemas
 
 
-def _all_solver_options() -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for name in list_solvers():
-        values.update(solver_options(name))
-    return values
-
-
-def solver_schema(name: str):
-    """All solvers' options (``name``'s defaults win), plus ``eval_opts`` laid over in eval.
-
-    Every solver option carries the keys of the others, so that an experiment that tunes, say,
-    Broyden's ``memory`` still composes with ``solver=anderson``; keys the chosen solver does not
-    take are dropped when the DEQ is built (:func:`deq_lightning.tasks.base.deq_kwargs`). A key
-    no solver knows still fails at composition. ``eval_opts`` has the same keys, all ``null``
-    (= the training value) unless set.
-    """
-    values = {"name": name, **_all_solver_options(), **solver_options(name)}
-    eval_opts = _make("EvalSolverOpts", _all_solver_options(), optional=True)
-    extra = [("eval_opts", eval_opts, dataclasses.field(default_factory=eval_opts))]
-    return _make(f"{name.title().replace('_', '')}SolverSchema", values, extra)
-
-
-def backward_schema(name: str):
-    """All backward modes' options (``name``'s defaults win); see :func:`solver_schema`.
-
-    ``solver_opts`` holds the implicit backward solver's own options (e.g. Anderson's ``m``).
-    """
-    values: dict[str, Any] = {}
-    for other in [*list_backwards(), name]:
-        values.update(IMPLICIT_DEFAULTS if other == "implicit" else get_backward(other).defaults)
-    extra = [("solver_opts", dict[str, Any], dataclasses.field(default_factory=dict))]
-    return _make(f"{name.title().replace('_', '')}BackwardSchema", {"name": name, **values}, extra)
-
-
-def _trainer_type(hint: Any) -> Any:
-    """Keep exact primitive (or Optional primitive) types; anything richer becomes Any."""
-    if hint in _PRIMITIVES:
-        return hint
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is typing.Union and len(args) == 2 and type(None) in args:
+def _schema_type(typ: Any) -> Any:
+    """A declared type as OmegaConf takes it: a primitive or ``Optional[primitive]``, else Any."""
+    if typ in _PRIMITIVES:
+        return typ
+    args = typing.get_args(typ)
+    union = typing.get_origin(typ) in (typing.Union, types.UnionType)
+    if union and len(args) == 2 and type(None) in args:
         (inner,) = [a for a in args if a is not type(None)]
         if inner in _PRIMITIVES:
             return Optional[inner]
     return Any
+
+
+def _optional(typ: Any) -> Any:
+    return typ if typ is Any else Optional[typ]
+
+
+def _union_of(owners: list[str], types_of: Any, what: str) -> dict[str, Any]:
+    """Every owner's option -> its schema type; an option two owners share must agree."""
+    out: dict[str, Any] = {}
+    for owner in owners:
+        for key, typ in types_of(owner).items():
+            typ = _schema_type(typ)
+            if out.setdefault(key, typ) != typ:
+                raise TypeError(
+                    f"{what} option '{key}' is {out[key]} elsewhere but {typ} in '{owner}'; "
+                    "declare it with one type"
+                )
+    return out
+
+
+def _fields(all_types: dict[str, Any], own: dict[str, Any]) -> list[tuple]:
+    """One field per option: the owner's default for its own, ``None`` for the others'."""
+    spec = []
+    for key, typ in all_types.items():
+        if key in own:
+            spec.append((key, typ, dataclasses.field(default=own[key])))
+        else:
+            spec.append((key, _optional(typ), dataclasses.field(default=None)))
+    return spec
+
+
+def _class_name(name: str, kind: str) -> str:
+    return f"{name.title().replace('_', '')}{kind}Schema"
+
+
+def solver_schema(name: str):
+    """``name``'s options with its defaults, every other solver's unset, plus ``eval_opts``.
+
+    Every solver node carries the keys of the others (``null``), so that an experiment written
+    for one solver still composes with another; :func:`deq_kwargs` then refuses a key set for a
+    solver other than the chosen one, unless ``extra_ok``. A key no solver knows fails at
+    composition. ``eval_opts`` has the same keys, all ``null`` (= the training value) unless set.
+    """
+    all_types = _union_of(list_solvers(), solver_option_types, "solver")
+    eval_spec = _fields(all_types, {})
+    eval_opts = dataclasses.make_dataclass("EvalSolverOpts", eval_spec)
+    spec = [
+        ("name", str, dataclasses.field(default=name)),
+        *_fields(all_types, solver_options(name)),
+        ("extra_ok", bool, dataclasses.field(default=False)),
+        ("eval_opts", eval_opts, dataclasses.field(default_factory=eval_opts)),
+    ]
+    return dataclasses.make_dataclass(_class_name(name, "Solver"), spec)
+
+
+def _backward_types(name: str) -> dict[str, Any]:
+    return {k: o.type for k, o in get_backward(name).options.items()}
+
+
+def backward_schema(name: str):
+    """``name``'s options with its defaults, the other modes' unset; see :func:`solver_schema`.
+
+    ``solver_opts`` holds the implicit backward solver's own options (e.g. Anderson's ``m``).
+    """
+    all_types = _union_of(list_backwards(), _backward_types, "backward")
+    spec = [
+        ("name", str, dataclasses.field(default=name)),
+        *_fields(all_types, get_backward(name).defaults),
+        ("solver_opts", dict[str, Any], dataclasses.field(default_factory=dict)),
+        ("extra_ok", bool, dataclasses.field(default=False)),
+    ]
+    return dataclasses.make_dataclass(_class_name(name, "Backward"), spec)
 
 
 def trainer_schema():
@@ -99,7 +144,7 @@ def trainer_schema():
     for key, p in inspect.signature(pl.Trainer.__init__).parameters.items():
         if key == "self" or p.kind is p.VAR_KEYWORD:
             continue
-        spec.append((key, _trainer_type(hints.get(key, Any)), dataclasses.field(default=p.default)))
+        spec.append((key, _schema_type(hints.get(key, Any)), dataclasses.field(default=p.default)))
     return dataclasses.make_dataclass("TrainerSchema", spec)
 
 
@@ -111,3 +156,168 @@ def register_schemas() -> None:
     for name in list_backwards():
         cs.store(group="schema/backward", name=name, node=backward_schema(name))
     cs.store(group="schema", name="trainer", node=trainer_schema())
+
+
+# ------------------------------------------------------------------------------ config -> DEQ
+
+
+def _extra_ok(node: dict, where: str) -> bool:
+    """The node's ``extra_ok``. A node without the key was written before the schemas had it
+    (saved runs and checkpoints), when every node held every solver's defaults: its keys of
+    other solvers are ignored, as they were then."""
+    value = node.get("extra_ok", True)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}.extra_ok must be true or false, got {value!r}")
+    return value
+
+
+def _pick(
+    node: dict, takes: dict, where: str, owner: tuple[str, str], extra_ok: bool, skip=()
+) -> dict:
+    """The set (non-null) values of ``node`` that ``owner`` takes; a set key it does not take
+    raises unless ``extra_ok``. ``where`` is the node's config path (``solver.eval_opts``),
+    ``owner`` the choice's key and value (``("backward.solver", "broyden")``)."""
+    picked, foreign = {}, []
+    for key, value in node.items():
+        if key in skip or value is None:
+            continue
+        if key in takes:
+            picked[key] = value
+        elif not extra_ok:
+            foreign.append(key)
+    if foreign:
+        top = where.split(".")[0]
+        others = "solvers" if owner[0].endswith("solver") else "backward modes"
+        shown = ", ".join(f"{where}.{k}={node[k]}" for k in foreign)
+        one = len(foreign) == 1
+        raise ValueError(
+            f"{shown} {'is not an option' if one else 'are not options'} of {'='.join(owner)} (its "
+            f"options: {', '.join(takes) or 'none'}); remove {'it' if one else 'them'}, or set "
+            f"{top}.extra_ok=true to ignore keys of other {others}"
+        )
+    return picked
+
+
+def deq_kwargs(solver: dict, backward: dict) -> dict:
+    """The ``conf/solver`` and ``conf/backward`` nodes -> :class:`~deq_lightning.deq.DEQ` kwargs.
+
+    Only the set options of the chosen solver and backward mode are passed on (unset ones keep
+    the DEQ's defaults). A key set for another solver or mode raises, naming the keys the chosen
+    one takes, unless the node has ``extra_ok: true``. A mode with an inner solver (``implicit``)
+    also takes that solver's own options from ``backward.solver_opts``.
+    """
+    name, mode = solver["name"], get_backward(backward["name"])
+    takes = solver_options(name)
+    ok = _extra_ok(solver, "solver")
+    solver_opts = _pick(solver, takes, "solver", ("solver", name), ok, _SOLVER_META)
+    eval_opts = solver.get("eval_opts") or {}
+    eval_opts = _pick(eval_opts, takes, "solver.eval_opts", ("solver", name), ok)
+    ok = _extra_ok(backward, "backward")
+    owner = ("backward", mode.name)
+    backward_opts = _pick(backward, mode.options, "backward", owner, ok, _BACKWARD_META)
+    inner_opts = backward.get("solver_opts") or {}
+    if "solver" in mode.options:
+        inner = backward_opts.get("solver", mode.defaults["solver"])
+        owner = ("backward.solver", inner)
+        inner_takes = solver_options(inner)
+        backward_opts.update(_pick(inner_opts, inner_takes, "backward.solver_opts", owner, ok))
+    elif inner_opts and not ok:
+        raise ValueError(
+            f"backward.solver_opts={inner_opts} is for a backward mode with its own solver "
+            f"(implicit), not backward={mode.name}; remove it, or set backward.extra_ok=true"
+        )
+    return {
+        "solver": name,
+        "solver_opts": solver_opts,
+        "eval_solver_opts": eval_opts,
+        "backward": mode.name,
+        "backward_opts": backward_opts,
+    }
+
+
+def build_model(model: dict, solver: dict | None, backward: dict | None) -> nn.Module:
+    """Instantiate ``model`` (a ``_target_`` dict), handing DEQ models the solver/backward config."""
+    if not isinstance(model, dict) or "_target_" not in model:
+        raise ValueError(f"task.model must be a config with a _target_, got {model!r}")
+    cls = hydra.utils.get_class(model["_target_"]) if "." in model["_target_"] else None
+    takes_deq = cls is not None and "deq" in inspect.signature(cls).parameters
+    cfg = dict(model)
+    if takes_deq and solver is not None and backward is not None:
+        cfg["deq"] = {**deq_kwargs(solver, backward), **(cfg.get("deq") or {})}
+    return hydra.utils.instantiate(cfg, _convert_="all")
+
+
+@dataclasses.dataclass
+class DEQSchedule:
+    """When and how the DEQ runs during training (the thesis's flag in brackets)."""
+
+    pretrain_steps: int = 0  # steps of shallow unrolled pre-training [pretrain_steps]
+    pretrain_unroll: int = 2  # f applications while pre-training [n_layer / NUM_LAYERS]
+    jac_loss_weight: float = 0.0  # gamma of the Jacobian term [jac_loss_weight]
+    jac_loss_freq: float = 0.0  # probability of a Jacobian step [jac_loss_freq]
+    jac_incremental: int = 0  # add jac_increment every N DEQ steps, 0 = never [jac_incremental]
+    jac_increment: float = 0.1  # the thesis adds 0.1
+    jac_stop_epoch: int | None = None  # no Jacobian term from this epoch on [JAC_STOP_EPOCH]
+    pretrain_jac_loss_weight: float = 0.0  # Jacobian term during pre-training [PRETRAIN_JAC_...]
+    max_iter_jitter: int = 0  # train max_iter ~ U{max_iter - jitter, max_iter} [rand_f_thres_delta]
+    spectral_radius_every: int = 0  # power method at validation every N epochs, 0 = off
+
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> DEQSchedule:
+        """The schedule from the task's options; an unknown key raises, listing the known."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown task option(s) {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**options)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is not None and v < 0:
+                raise ValueError(f"task.{f.name} must be >= 0, got {v}")
+        if self.jac_loss_freq > 1:
+            raise ValueError(f"task.jac_loss_freq is a probability, got {self.jac_loss_freq}")
+        if self.pretrain_unroll < 1:
+            raise ValueError(f"task.pretrain_unroll must be >= 1, got {self.pretrain_unroll}")
+
+    def jac_weight(self, step: int, epoch: int, pretraining: bool) -> float:
+        if self.jac_stop_epoch is not None and epoch >= self.jac_stop_epoch:
+            return 0.0
+        if pretraining:
+            return self.pretrain_jac_loss_weight
+        deq_steps = max(0, step - self.pretrain_steps)
+        bonus = (
+            self.jac_increment * (deq_steps // self.jac_incremental) if self.jac_incremental else 0
+        )
+        return self.jac_loss_weight + bonus if self.jac_loss_weight > 0 else 0.0
+
+
+# The DEQ's argument names -> the config keys a user types (backward_opts.tol -> backward.tol).
+_USER_KEYS = (
+    (re.compile(r"\beval_solver_opts[:.]\s*(\w+)"), r"solver.eval_opts.\1"),
+    (re.compile(r"\bbackward_opts[:.]\s*(?:backward_opts[:.]\s*)?(\w+)"), r"backward.\1"),
+    (re.compile(r"\bunknown backward_opts\b"), "unknown backward option(s)"),
+    (re.compile(r"^(\w+) must be"), r"solver.\1 must be"),
+)
+
+
+def user_keys(error: Exception | str) -> str:
+    """An error of the DEQ core, with its internal argument names replaced by config keys."""
+    text = str(error)
+    for pattern, key in _USER_KEYS:
+        text = pattern.sub(key, text)
+    return text
+
+
+def check_task_config(task: DictConfig) -> None:
+    """Build the task's DEQ arguments and a DEQ from them, so that a bad solver or backward
+    option fails before any data is read, naming the config key."""
+    if "solver" not in task or "backward" not in task:
+        return
+    try:
+        DEQ(**deq_kwargs(plain(task.solver), plain(task.backward)))
+    except ValueError as e:
+        raise ValueError(
+            f"invalid solver/backward config (conf groups solver, backward): {user_keys(e)}"
+        ) from None

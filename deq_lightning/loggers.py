@@ -16,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from deq_lightning.callbacks.checkpoint import write_atomic
 
-# A log record attribute: the message was already printed to the console (``run.say``).
+# A log record attribute: the message was already printed to the console (:func:`deq_lightning.app.console.say`).
 CONSOLE_ECHO = "console_echo"
 
 

@@ -125,12 +125,12 @@ class EquilibriumMonitor(pl.Callback):
             if ok:
                 self._say(trainer, f"equilibrium held. {line}", warn=False)
             else:
-                self._say(
+                self._warn(
                     trainer,
+                    pl_module,
+                    summary,
                     f"NOT at equilibrium. {line}. Below {self.min_converged:.0%}, the outputs "
-                    "are those of an unrolled network, not of a fixed point. Try: "
-                    + "; ".join(remedies(pl_module, summary)),
-                    warn=True,
+                    "are those of an unrolled network, not of a fixed point.",
                     key=f"{stage}:final",
                 )
 
@@ -160,23 +160,24 @@ class EquilibriumMonitor(pl.Callback):
             line = describe(name, summary)
             epoch = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
             if summary["converged"] < self.min_converged:
-                self._say(
+                self._warn(
                     trainer,
+                    pl_module,
+                    summary,
                     f"DEQ not at equilibrium ({epoch}). {line}; below the {self.min_converged:.0%} "
-                    "threshold (callbacks.equilibrium.min_converged). Try: "
-                    + "; ".join(remedies(pl_module, summary)),
-                    warn=True,
+                    "threshold (callbacks.equilibrium.min_converged).",
                     key=f"{name}:converged",
                 )
             history = self.history.setdefault(name, [])
             history.append(summary["res_p50"])
             if self._trending_up(history):
-                self._say(
+                self._warn(
                     trainer,
+                    pl_module,
+                    summary,
                     f"DEQ drifting off its equilibrium ({epoch}): the median {name} residual rose "
                     f"for {self.trend_patience} epochs in a row, from {min(history):.2g} to "
-                    f"{history[-1]:.2g}. {line}. Try: " + "; ".join(remedies(pl_module, summary)),
-                    warn=True,
+                    f"{history[-1]:.2g}. {line}.",
                     key=f"{name}:trend",
                 )
 
@@ -189,6 +190,18 @@ class EquilibriumMonitor(pl.Callback):
         return rising and history[-1] >= self.trend_factor * min(history)
 
     # -------------------------------------------------------------------- output
+
+    def _warn(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        summary: dict[str, Any],
+        text: str,
+        key: str,
+    ) -> None:
+        """A warning (once per ``key``) followed by the remedies for ``pl_module``."""
+        remedy = "; ".join(remedies(pl_module, summary))
+        self._say(trainer, f"{text} Try: {remedy}", warn=True, key=key)
 
     def _say(self, trainer: pl.Trainer, text: str, warn: bool, key: str | None = None) -> None:
         if warn and key is not None:

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 from torchvision.utils import flow_to_image
 
 from deq_lightning.callbacks.images import EvalImages
+from deq_lightning.callbacks.prediction import NamedPredictionWriter
 from deq_lightning.callbacks.segmentation import to_uint8_image
 from deq_lightning.datamodules.flow_io import write_flo, write_kitti_png
 
@@ -90,7 +88,7 @@ class FlowImages(EvalImages):
             Image.fromarray(np.concatenate(padded, axis=0)).save(out / f"{stage}_{tag}.png")
 
 
-class FlowSubmissionWriter(BasePredictionWriter):
+class FlowSubmissionWriter(NamedPredictionWriter):
     """Writes each flow of ``trainer.predict`` under ``output_dir`` in its benchmark's format.
 
     The DataModules name every benchmark test pair by its submission path: Sintel
@@ -98,12 +96,10 @@ class FlowSubmissionWriter(BasePredictionWriter):
     KITTI ``000000_10.png`` (16-bit PNG, all pixels valid; zip them in a ``flow/`` folder).
     """
 
-    def __init__(self, output_dir: str) -> None:
-        super().__init__("batch")
-        self.output_dir = Path(output_dir)
-        self.written: list[Path] = []
+    key = "flow"
 
     def write(self, name: str, flow: Tensor) -> Path:
+        """Write one ``(2, H, W)`` flow; returns the file."""
         path = self.output_dir / name
         path.parent.mkdir(parents=True, exist_ok=True)
         array = flow.float().permute(1, 2, 0).numpy()
@@ -115,19 +111,6 @@ class FlowSubmissionWriter(BasePredictionWriter):
             raise ValueError(f"no flow format for {name!r}: a submission name ends in .flo or .png")
         self.written.append(path)
         return path
-
-    def write_on_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        prediction: Any,
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        for name, flow in zip(prediction["names"], prediction["flow"]):
-            self.write(name, flow)
 
 
 __all__ = ["FlowImages", "FlowSubmissionWriter", "flow_pair_to_images", "flow_panel"]

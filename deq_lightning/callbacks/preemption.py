@@ -3,7 +3,7 @@ command (or the cluster's requeue) continue from it.
 
 * SIGTERM (``kill``, SLURM preemption): Lightning finishes the current batch and raises
   ``SIGTERMException``; :meth:`PreemptionCheckpoint.on_exception` writes ``last.ckpt`` there, where
-  the state is consistent, and ``deq_lightning.run.train`` exits with :data:`EXIT_RESUMABLE`.
+  the state is consistent, and ``deq_lightning.app.train.train`` exits with :data:`EXIT_RESUMABLE`.
 * SIGUSR1 (what many clusters send before the time limit) takes the same path, except under
   Lightning's SLURM auto-requeue (a plain ``sbatch`` job), which owns SIGUSR1: it writes
   ``hpc_ckpt_<n>.ckpt`` and requeues the job; SLURM's SIGTERM then takes the path above.

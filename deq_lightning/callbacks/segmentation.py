@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 from PIL import Image
-from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 
 from deq_lightning.callbacks.images import EvalImages
+from deq_lightning.callbacks.prediction import NamedPredictionWriter
 from deq_lightning.datamodules.segmentation import (
     IGNORE_INDEX,
     colorize,
@@ -104,7 +103,7 @@ class SegmentationMasks(EvalImages):
             Image.fromarray(np.concatenate(panels, axis=0)).save(out / f"{stage}_{tag}.png")
 
 
-class SegmentationWriter(BasePredictionWriter):
+class SegmentationWriter(NamedPredictionWriter):
     """Writes each prediction of ``trainer.predict`` as PNGs under ``output_dir``.
 
     - ``color/<name>.png``: RGB, one palette colour per class (the Cityscapes palette there);
@@ -116,18 +115,19 @@ class SegmentationWriter(BasePredictionWriter):
     without Cityscapes' ``_leftImg8bit``), so sub-folders such as ``<city>/`` are kept.
     """
 
+    key = "pred"
+
     def __init__(
         self, output_dir: str, palette: np.ndarray, label_ids: Sequence[int] | None = None
     ) -> None:
-        super().__init__("batch")
-        self.output_dir = Path(output_dir)
+        super().__init__(output_dir)
         self.palette = np.asarray(palette, dtype=np.uint8)
         self.label_ids = None if label_ids is None else list(label_ids)
         self.ids_dir = "classIds" if self.label_ids is None else "labelIds"
-        self.written: list[Path] = []
 
-    def write(self, name: str, pred: np.ndarray) -> list[Path]:
+    def write(self, name: str, pred: np.ndarray | Tensor) -> list[Path]:
         """Write one ``(H, W)`` class-id prediction; returns the files written."""
+        pred = np.asarray(pred)
         ids = pred if self.label_ids is None else train_ids_to_label_ids(pred, self.label_ids)
         stem = name.removesuffix("_leftImg8bit")
         files = []
@@ -138,19 +138,6 @@ class SegmentationWriter(BasePredictionWriter):
             files.append(path)
         self.written += files
         return files
-
-    def write_on_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        prediction: Any,
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        for name, pred in zip(prediction["names"], prediction["pred"]):
-            self.write(name, pred.numpy())
 
 
 __all__ = ["SegmentationMasks", "SegmentationWriter", "mask_panel", "to_uint8_image"]

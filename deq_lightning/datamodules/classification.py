@@ -27,7 +27,11 @@ from deq_lightning.datamodules.checks import (
     read_named,
     verify_files,
 )
-from deq_lightning.datamodules.common import DatasetLayoutError, per_device_batch_size
+from deq_lightning.datamodules.common import (
+    DatasetLayoutError,
+    eval_loader,
+    per_device_batch_size,
+)
 
 
 class ImageArrayDataset(Dataset):
@@ -83,16 +87,20 @@ class ClassificationDataModule(pl.LightningDataModule):
     def loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        workers = self.hparams.num_workers
+        workers, pin = self.hparams.num_workers, torch.cuda.is_available()
+        if not train:  # each image on exactly one rank: top-1 over ranks counts it once
+            return eval_loader(
+                dataset, self.batch_size_per_device, workers, self.trainer, pin_memory=pin
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size_per_device,
-            shuffle=train,
+            shuffle=True,
             # A last batch of one sample breaks BatchNorm in train mode.
-            drop_last=train and len(dataset) > self.batch_size_per_device,
+            drop_last=len(dataset) > self.batch_size_per_device,
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=pin,
         )
 
     def train_dataloader(self) -> DataLoader:

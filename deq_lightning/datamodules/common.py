@@ -1,4 +1,5 @@
-"""Pieces every DataModule shares: per-device batch sizes and layout errors."""
+"""Pieces every DataModule shares: per-device batch sizes, layout errors, and the evaluation
+loader whose metrics are exact across DDP ranks."""
 
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
     Lightning's default DistributedSampler pads the dataset so every rank gets as many items,
     which counts a few examples twice in metrics summed over ranks. Evaluation batches need no
-    such balance (no gradient all-reduce), so each example is counted exactly once here.
+    such balance (no gradient all-reduce), so each example is counted exactly once here. Being a
+    ``DistributedSampler``, Lightning keeps it (``use_distributed_sampler`` only replaces samplers
+    of other types).
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:

@@ -19,15 +19,15 @@ shared tensor, so a DEQ may be called any number of times before one backward.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from .solvers import COMMON_DEFAULTS, FlatFn, SolverStats, check_solver_options, run_flat
+from .kit import FlatFn, Option, Registry, in_range, integer
+from .solvers import COMMON_OPTIONS, SolverStats, check_solver_options, run_flat
 from .stats import DEQStats, Status
 
-IMPLICIT_DEFAULTS = {"solver": "anderson", "max_iter": 100, "tol": 1e-6, "stop_mode": "rel"}
 # The adjoint solve runs while the training graph is alive, so its history counts towards the
 # step's peak memory: a shorter Anderson history there (5 instead of the forward's 9) keeps an
 # implicit step at ~12% of 40 unrolled steps on the conv cell of bench/solvers.py, at a few more
@@ -46,52 +46,49 @@ class Attached:
 
 @dataclass(frozen=True)
 class BackwardMode:
+    """A way to attach gradients: its options (typed, with defaults and checks), whether it runs
+    the forward solver (``solves``), and ``attach(f, z*, opts, stats)``. ``check_extra``
+    replaces the plain option check (``implicit`` checks its inner solver's options too)."""
+
     name: str
-    defaults: dict
+    options: dict[str, Option]
     solves: bool
     attach: Callable[[FlatFn, Tensor, dict, DEQStats], Attached] | None = None
     check_extra: Callable[[dict], dict] | None = None
 
+    @property
+    def defaults(self) -> dict:
+        return {k: o.default for k, o in self.options.items()}
+
     def check(self, opts: dict) -> dict:
         if self.check_extra is not None:
             return self.check_extra(opts)
-        unknown = sorted(set(opts) - set(self.defaults))
+        unknown = sorted(set(opts) - set(self.options))
         if unknown:
-            accepted = ", ".join(self.defaults) or "no options"
+            accepted = ", ".join(self.options) or "no options"
             raise ValueError(
                 f"unknown backward_opts {unknown} for backward '{self.name}'; "
                 f"it accepts: {accepted}"
             )
         full = {**self.defaults, **opts}
-        steps = full.get("steps", 1)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"backward_opts.steps must be an integer >= 1, got {full['steps']!r}")
-        if "tau" in full and not (isinstance(full["tau"], (int, float)) and 0 < full["tau"] <= 1):
-            raise ValueError(f"backward_opts.tau must be in (0, 1], got {full['tau']!r}")
+        for key, option in self.options.items():
+            option.validate(f"backward_opts.{key}", full[key])
         return full
 
 
-_MODES: dict[str, BackwardMode] = {}
+_MODES: Registry[BackwardMode] = Registry("backward mode", "modes")
 
 
 def register_backward(mode: BackwardMode) -> BackwardMode:
-    if mode.name in _MODES:
-        raise ValueError(f"a backward mode named '{mode.name}' is already registered")
-    _MODES[mode.name] = mode
-    return mode
+    return _MODES.add(mode.name, mode)
 
 
 def list_backwards() -> list[str]:
-    return sorted(_MODES)
+    return _MODES.names()
 
 
 def get_backward(name: str) -> BackwardMode:
-    try:
-        return _MODES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown backward mode '{name}'; known modes: {', '.join(list_backwards())}"
-        ) from None
+    return _MODES.get(name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,8 +127,9 @@ class _ImplicitGrad(torch.autograd.Function):
 
 
 def _check_implicit(opts: dict) -> dict:
-    solver = opts.get("solver", IMPLICIT_DEFAULTS["solver"])
-    full = {**IMPLICIT_DEFAULTS, **IMPLICIT_SOLVER_DEFAULTS.get(solver, {}), **opts}
+    defaults = get_backward("implicit").defaults
+    solver = opts.get("solver", defaults["solver"])
+    full = {**defaults, **IMPLICIT_SOLVER_DEFAULTS.get(solver, {}), **opts}
     full.pop("solver")
     try:
         checked = check_solver_options(solver, full)
@@ -150,8 +148,16 @@ def _attach_implicit(f: FlatFn, z: Tensor, opts: dict, stats: DEQStats) -> Attac
     return Attached(out, fz, z_in)
 
 
+# The adjoint solver's budget and tolerance; its other options go in ``solver_opts`` of the
+# config (``backward.solver_opts.m``), which the DEQ receives as further ``backward_opts``.
+_IMPLICIT_OPTIONS = {
+    "solver": Option("anderson", str),
+    "max_iter": replace(COMMON_OPTIONS["max_iter"], default=100),
+    "tol": replace(COMMON_OPTIONS["tol"], default=1e-6),
+    "stop_mode": COMMON_OPTIONS["stop_mode"],
+}
 register_backward(
-    BackwardMode("implicit", IMPLICIT_DEFAULTS, True, _attach_implicit, _check_implicit)
+    BackwardMode("implicit", _IMPLICIT_OPTIONS, True, _attach_implicit, _check_implicit)
 )
 
 
@@ -172,9 +178,11 @@ def _attach_one_step(f: FlatFn, z: Tensor, opts: dict, stats: DEQStats) -> Attac
     return Attached(f(z.detach()))
 
 
-register_backward(BackwardMode("phantom", {"steps": 5, "tau": 0.8}, True, _attach_phantom))
+_STEPS = Option(5, int, integer(1))
+_PHANTOM_OPTIONS = {"steps": _STEPS, "tau": Option(0.8, float, in_range(0, 1, lo_open=True))}
+register_backward(BackwardMode("phantom", _PHANTOM_OPTIONS, True, _attach_phantom))
 register_backward(BackwardMode("one_step", {}, True, _attach_one_step))
-register_backward(BackwardMode("unrolled", {"steps": 2}, False))
+register_backward(BackwardMode("unrolled", {"steps": replace(_STEPS, default=2)}, False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +225,6 @@ def unroll(
 
 
 __all__ = [
-    "COMMON_DEFAULTS",
     "Attached",
     "BackwardMode",
     "get_backward",

@@ -1,7 +1,7 @@
 """HyperAnderson: Anderson acceleration steered by a small learned network (thesis ch. 6).
 
 The neural DEQ solver of Bai, Koltun & Kolter (ICLR 2022; ``docs/thesis.md`` §5) has two parts,
-both trained with the DEQ frozen (see :mod:`deq_lightning.hypersolver`):
+both trained with the DEQ frozen (see :mod:`deq_lightning.app.hypersolver`):
 
 * an **initializer** h(x) that predicts a better starting point than zeros;
 * a **mixer**: a 2-layer temporal conv over pooled features of the last m residuals that predicts
@@ -32,22 +32,15 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .solvers import (
-    FlatFn,
-    FlatResult,
-    _check_int,
-    _check_range,
-    _Monitor,
-    _Recorder,
-    _rowdot,
-    register_solver,
-)
+from .kit import AndersonMixer, FlatFn, FlatResult, Monitor, Option, Recorder, Run
+from .solvers import ANDERSON_OPTIONS, check_solver_options, register_solver, run_checked
 
 FORMAT = "deq_lightning.hyperanderson/1"
 INIT_KINDS = ("coordinate", "pointwise")
@@ -207,8 +200,8 @@ def _iterate(
     m: int,
     lam: float,
     beta: float,
-    mon: _Monitor | None = None,
-    rec: _Recorder | None = None,
+    mon: Monitor | None = None,
+    rec: Recorder | None = None,
     mix: bool = True,
 ) -> tuple[int, int, Unroll]:
     """Run up to ``steps`` evaluations; returns ``(nfe, fallbacks, unroll)``.
@@ -218,67 +211,39 @@ def _iterate(
     ``mix=False`` skips the mixer (its corrections are known to be zero).
     """
     grad = mon is None
-    b, d = x0.shape
+    b = x0.shape[0]
     hist = _History(x0, m, grad)
     feats = x0.new_zeros(b, m, net.pool if net is not None else 1)
     norms = x0.new_zeros(b, m)
-    gram = x0.new_zeros(b, m, m, dtype=torch.float64)
-    eye = torch.eye(m, dtype=torch.float64, device=x0.device)
-    ones = torch.ones(b, m, 1, dtype=torch.float64, device=x0.device)
+    mixer = AndersonMixer(x0, m, lam)
+    steer = net is not None and mix
     out = Unroll([], [])
     x = x0 if grad else x0.clone()
-    fallbacks, k = 0, 0
+    k = 0
     for k in range(steps):
         if rec is not None:
             rec(k, x)
         fx = f(x) if mon is None else mon.evaluate(f, x)
         slot, n = k % m, min(k + 1, m)
         g = fx - x if grad else torch.sub(fx, x, out=hist.gbuf[:, slot])
-        if mon is not None and not mon.observe(k, x, fx, g):
-            break
-        if mon is not None and mon.keep is not None:  # batch compaction: drop stopped rows
-            x, fx, feats, norms, gram, ones = mon.shrink(x, fx, feats, norms, gram, ones)
-            hist.xbuf, hist.gbuf = mon.shrink(hist.xbuf, hist.gbuf)
-            b, g = x.shape[0], hist.gbuf[:, slot]
+        if mon is not None:
+            if not mon.observe(k, x, fx, g):
+                break
+            if mon.keep is not None:  # batch compaction: drop stopped rows
+                x, fx, feats, norms = mon.shrink(x, fx, feats, norms)
+                hist.xbuf, hist.gbuf = mon.shrink(hist.xbuf, hist.gbuf)
+                mixer.shrink(mon)
+                g = hist.gbuf[:, slot]
         hist.put(slot, x, g)
         xs, gs = hist.stacked(n)
+        gd = g.detach()
         with torch.no_grad():
-            gd = g.detach()
-            row = _rowdot(gs.detach(), gd).squeeze(1).double()
-            gram[:, slot, :n] = row
-            gram[:, :n, slot] = row
-            h = gram[:, :n, :n]
-            scale = torch.diagonal(h, dim1=1, dim2=2).mean(1).clamp_min(1e-30)
-            h = h + (lam * scale)[:, None, None] * eye[:n, :n]
-            sol, info = torch.linalg.solve_ex(h, ones[:, :n])
-            total = sol.sum(1)
-            alpha = sol.squeeze(2) / total
-            bad = (info != 0) | ~torch.isfinite(alpha).all(1) | (total.squeeze(1).abs() < 1e-30)
-            if bool(bad.any()):
-                fallbacks += int(bad.sum())
-                plain = torch.zeros_like(alpha)
-                plain[:, slot] = 1.0
-                alpha = torch.where(bad[:, None], plain, alpha)
-            alpha = alpha.to(x0.dtype)
+            alpha, bad = mixer.weights(gs.detach(), gd, slot)
         step_beta: Tensor | float = beta
-        if net is not None and mix:
-            with torch.no_grad():
-                feats[:, slot] = net.pooled(gd)
-                norms[:, slot] = torch.linalg.vector_norm(gd, dim=1)
-            # Age order (oldest first): a roll of the ring once it is full.
-            shift = (slot + 1) % m if n == m else 0
-            d_age, beta_logit = net.mix(
-                _roll(feats[:, :n], -shift), _roll(norms[:, :n], -shift), _roll(alpha, -shift), n
-            )
-            d_alpha = _roll(d_age, shift)
-            mixed = mixing_weights(alpha, d_alpha)
-            ok = ~bad[:, None] & torch.isfinite(mixed).all(1, keepdim=True)
-            alpha = torch.where(ok, mixed, alpha)
-            step_beta = beta * 2 * torch.sigmoid(beta_logit)
-            step_beta = torch.where(ok[:, 0] & torch.isfinite(step_beta), step_beta, beta)
-            step_beta = step_beta[:, None, None]
-        a = alpha[:, None]  # (B, 1, n)
+        if steer:
+            alpha, step_beta = _steer(net, feats, norms, alpha, bad, gd, slot, beta)
         # x_next = sum_i alpha_i (x_i + beta g_i), as Anderson writes it.
+        a = alpha[:, None]  # (B, 1, n)
         if grad:
             mixed_g = torch.bmm(a, gs)
             x = (torch.bmm(a, xs) + step_beta * mixed_g).squeeze(1)
@@ -287,8 +252,8 @@ def _iterate(
                 / (torch.linalg.vector_norm(gd, dim=1) + _EPS)
             )
         else:
-            coef, scalar = (a * step_beta, 1.0) if net is not None and mix else (a, beta)
-            x = torch.bmm(a, xs).baddbmm_(coef, gs, alpha=scalar).view(b, d)
+            coef, scalar = (a * step_beta, 1.0) if steer else (a, beta)
+            x = torch.bmm(a, xs).baddbmm_(coef, gs, alpha=scalar).squeeze(1)
         if k == 0 and net is not None:
             corr = net.initial_correction(fx if grad else fx.detach())
             x = x + corr if grad else x.add_(torch.nan_to_num(corr, nan=0.0))
@@ -296,7 +261,38 @@ def _iterate(
             out.iterates.append(x)
         else:
             x = mon.hold(x)
-    return k + 1, fallbacks, out
+    return k + 1, mixer.fallbacks, out
+
+
+def _steer(
+    net: HyperAndersonNet,
+    feats: Tensor,
+    norms: Tensor,
+    alpha: Tensor,
+    bad: Tensor,
+    gd: Tensor,
+    slot: int,
+    beta: float,
+) -> tuple[Tensor, Tensor]:
+    """The network's mixing weights and step size ``(alpha, beta (B, 1, 1))`` for this step.
+
+    Records the newest residual's features in ring ``slot`` first; samples whose Anderson solve
+    fell back, or whose corrections are not finite, keep Anderson's alpha and the given beta.
+    """
+    m, n = feats.shape[1], alpha.shape[1]
+    with torch.no_grad():
+        feats[:, slot] = net.pooled(gd)
+        norms[:, slot] = torch.linalg.vector_norm(gd, dim=1)
+    # Age order (oldest first): a roll of the ring once it is full.
+    shift = (slot + 1) % m if n == m else 0
+    d_age, beta_logit = net.mix(
+        _roll(feats[:, :n], -shift), _roll(norms[:, :n], -shift), _roll(alpha, -shift), n
+    )
+    mixed = mixing_weights(alpha, _roll(d_age, shift))
+    ok = ~bad[:, None] & torch.isfinite(mixed).all(1, keepdim=True)
+    step_beta = beta * 2 * torch.sigmoid(beta_logit)
+    step_beta = torch.where(ok[:, 0] & torch.isfinite(step_beta), step_beta, beta)
+    return torch.where(ok, mixed, alpha), step_beta[:, None, None]
 
 
 def unroll(
@@ -307,31 +303,33 @@ def unroll(
     return _iterate(net, f, x0, steps, m, lam, beta)[2]
 
 
+def _solve(
+    net: HyperAndersonNet | None, name: str, f: FlatFn, x0: Tensor, run: Run, **anderson: float
+) -> FlatResult:
+    """The solve itself, in the :class:`~.kit.Run` set up by :func:`~.solvers.run_checked`."""
+    mix = net is not None and net.mixes()
+    m, lam, beta = anderson["m"], anderson["lam"], anderson["beta"]
+    nfe, fallbacks, _ = _iterate(net, f, x0, run.max_iter, m, lam, beta, run.mon, run.rec, mix)
+    return run.result(name, nfe, fallbacks)
+
+
 def hyper_solve(
     net: HyperAndersonNet | None,
     f: FlatFn,
     x0: Tensor,
-    *,
-    max_iter: int,
-    tol: float,
-    stop_mode: str,
-    diverge_factor: float,
-    compact: bool = False,
     record: Sequence[int] | None = None,
-    m: int = 9,
-    lam: float = 1e-4,
-    beta: float = 1.0,
     name: str = "hyperanderson",
+    **opts: object,
 ) -> FlatResult:
-    """The solver with an in-memory network (``None`` = plain Anderson through the same code)."""
+    """The solver with an in-memory network (``None`` = plain Anderson through the same code).
+
+    ``opts`` are Anderson's options (validated, with its defaults); ``compact`` is "off" unless
+    given, as training's problems are solved whole.
+    """
     if net is not None:
         net.check_dim(x0.shape[1])
-    mon = _Monitor(x0, tol, stop_mode, diverge_factor, compact)
-    rec = _Recorder(record, mon)
-    with torch.no_grad():
-        mix = net is not None and net.mixes()
-        nfe, fallbacks, _ = _iterate(net, f, x0, max_iter, m, lam, beta, mon, rec, mix)
-    return mon.result(name, max_iter, nfe, rec.states, fallbacks)
+    full = check_solver_options("anderson", {"compact": "off", **opts})
+    return run_checked(partial(_solve, net, name), f, x0, full, record)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,8 +383,7 @@ def _cached(path: str, device: torch.device, dtype: torch.dtype) -> HyperAnderso
     return _CACHE[key]
 
 
-def _check_path(opts: dict, key: str) -> None:
-    v = opts[key]
+def _check_path(key: str, v: object) -> None:
     if not isinstance(v, (str, os.PathLike)) or not str(v):
         raise ValueError(
             f"{key} must be the weights file written by train_hypersolver.py "
@@ -398,43 +395,18 @@ def _check_path(opts: dict, key: str) -> None:
         )
 
 
-@register_solver(
-    "hyperanderson",
-    checks={
-        "path": _check_path,
-        "m": lambda o, k: _check_int(o, k, 1),
-        "lam": _check_range(0.0, 1e6),
-        "beta": _check_range(0.0, 2.0, lo_open=True),
-    },
-)
-def hyperanderson(
-    f: FlatFn,
-    x0: Tensor,
-    *,
-    max_iter: int,
-    tol: float,
-    stop_mode: str,
-    diverge_factor: float,
-    compact: bool = False,
-    record: Sequence[int] | None = None,
-    path: str | None = None,
-    m: int = 9,
-    lam: float = 1e-4,
-    beta: float = 1.0,
-) -> FlatResult:
+@register_solver("hyperanderson", path=Option(None, str | None, _check_path), **ANDERSON_OPTIONS)
+def hyperanderson(f: FlatFn, x0: Tensor, run: Run, path: str, **anderson: float) -> FlatResult:
     """Anderson (same ``m``, ``lam``, ``beta`` as :func:`~.solvers.anderson`) steered by the
     network saved at ``path`` by ``train_hypersolver.py``; the file's ``m`` must match."""
     net = _cached(str(path), x0.device, x0.dtype)
-    if net.m != m:
+    if net.m != anderson["m"]:
         raise ValueError(
-            f"{path} was trained with history m={net.m}, but the solver has m={m}; "
+            f"{path} was trained with history m={net.m}, but the solver has m={anderson['m']}; "
             f"set solver.m={net.m}"
         )
     net.check_dim(x0.shape[1], f" in {path}")
-    return hyper_solve(
-        net, f, x0, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
-        diverge_factor=diverge_factor, compact=compact, record=record, m=m, lam=lam, beta=beta,
-    )  # fmt: skip
+    return _solve(net, "hyperanderson", f, x0, run, **anderson)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,318 +23,115 @@ which sample ``b``'s returned iterate had its residual measured.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from .kit import (
+    AndersonMixer,
+    FlatFn,
+    FlatResult,
+    Monitor,
+    Option,
+    Recorder,
+    Registry,
+    Run,
+    above,
+    in_range,
+    integer,
+    one_of,
+    optional,
+    positive,
+    rowdot,
+)
 from .scope import batch_index
 from .state import State, StateSpec
-from .stats import SolverStats, Status
+from .stats import SolverStats
 
-FlatFn = Callable[[Tensor], Tensor]
-SolverFn = Callable[..., "FlatResult"]
+# A registered solver is called as ``fn(f, x0, run, **its_options)`` (see :class:`~.kit.Run`).
+SolverFn = Callable[..., FlatResult]
 
 STOP_MODES = ("abs", "rel")
-_SOLVERS: dict[str, SolverFn] = {}
-# Keyword arguments run_flat passes to every solver that are not options of the config.
-_INTERNAL = ("record",)
-# Options every solver takes; solver-specific ones are read from each function's signature.
-COMMON_DEFAULTS = {
-    "max_iter": 50,
-    "tol": 1e-3,
-    "stop_mode": "rel",
-    "diverge_factor": 1e3,
-    "compact": "eval",
-}
 # ``compact``: "on" drops stopped samples from the active batch, "off" freezes them in place,
 # "eval" is "on" when the DEQ layer is in eval mode and "off" in training (plain ``solve()``
 # calls count as evaluation). Only f's that accept ``index`` are ever compacted.
 COMPACT_MODES = ("off", "eval", "on")
+# Options every solver takes (run_checked turns them into the Monitor and the budget).
+COMMON_OPTIONS = {
+    "max_iter": Option(50, int, integer(1)),
+    "tol": Option(1e-3, float, positive),
+    "stop_mode": Option("rel", str, one_of(STOP_MODES)),
+    "diverge_factor": Option(1e3, float, above(1)),
+    "compact": Option("eval", str, one_of(COMPACT_MODES)),
+}
+COMMON_DEFAULTS = {k: o.default for k, o in COMMON_OPTIONS.items()}
 
 
-class FlatResult(NamedTuple):
-    z: Tensor
-    stats: SolverStats
-    states: list[Tensor]
+class SolverSpec(NamedTuple):
+    fn: SolverFn
+    options: dict[str, Option]  # its own, beside COMMON_OPTIONS
 
 
-def register_solver(
-    name: str, checks: dict[str, Callable[[dict, str], None]] | None = None
-) -> Callable[[SolverFn], SolverFn]:
-    """Register a solver under ``name`` (used by configs: ``solver=name``).
+_SOLVERS: Registry[SolverSpec] = Registry("solver", "solvers")
 
-    ``checks`` maps a solver-specific option to a validator ``check(opts, key)`` that raises
-    ``ValueError`` naming the key (see :func:`check_solver_options`).
+
+def register_solver(name: str, **options: Option) -> Callable[[SolverFn], SolverFn]:
+    """Register a solver under ``name`` (used by configs: ``solver=name``) with its own options.
+
+    The function is called as ``fn(f, x0, run, **options)``: ``run`` (a :class:`~.kit.Run`)
+    holds the monitor set up from the common options (:data:`COMMON_OPTIONS`), the recorder and
+    the budget, and each declared option arrives as a keyword argument, validated and defaulted.
     """
 
     def deco(fn: SolverFn) -> SolverFn:
-        if name in _SOLVERS:
-            raise ValueError(f"a solver named '{name}' is already registered")
-        _SOLVERS[name] = fn
-        if checks:
-            _SPECIFIC_CHECKS[name] = dict(checks)
+        params = inspect.signature(fn).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        missing = [] if takes_any else sorted(set(options) - set(params))
+        if missing:
+            raise TypeError(f"solver '{name}' declares options {missing} that {fn.__name__} lacks")
+        _SOLVERS.add(name, SolverSpec(fn, dict(options)))
         return fn
 
     return deco
 
 
 def list_solvers() -> list[str]:
-    return sorted(_SOLVERS)
+    return _SOLVERS.names()
 
 
 def get_solver(name: str) -> SolverFn:
-    try:
-        return _SOLVERS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown solver '{name}'; known solvers: {', '.join(list_solvers())}"
-        ) from None
+    return _SOLVERS.get(name).fn
+
+
+def _options(name: str) -> dict[str, Option]:
+    return {**COMMON_OPTIONS, **_SOLVERS.get(name).options}
 
 
 def solver_options(name: str) -> dict[str, object]:
     """All options ``name`` accepts with their defaults (common ones first)."""
-    params = inspect.signature(get_solver(name)).parameters
-    specific = {
-        k: p.default
-        for k, p in params.items()
-        if p.kind is p.KEYWORD_ONLY and k not in COMMON_DEFAULTS and k not in _INTERNAL
-    }
-    return {**COMMON_DEFAULTS, **specific}
+    return {k: o.default for k, o in _options(name).items()}
+
+
+def solver_option_types(name: str) -> dict[str, Any]:
+    """The type of each option of ``name`` (for config schemas), in :func:`solver_options` order."""
+    return {k: o.type for k, o in _options(name).items()}
 
 
 def check_solver_options(name: str, opts: dict) -> dict:
     """Reject unknown keys and impossible values with the key's name; return opts with defaults."""
-    known = solver_options(name)
+    known = _options(name)
     unknown = sorted(set(opts) - set(known))
     if unknown:
         raise ValueError(
             f"unknown option(s) {unknown} for solver '{name}'; it accepts: {', '.join(known)}"
         )
-    full = {**known, **opts}
-    _check_int(full, "max_iter", minimum=1)
-    _check_pos(full, "tol")
-    if full["stop_mode"] not in STOP_MODES:
-        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {full['stop_mode']!r}")
-    if not float(full["diverge_factor"]) > 1:
-        raise ValueError(f"diverge_factor must be > 1, got {full['diverge_factor']!r}")
-    if full["compact"] not in COMPACT_MODES:
-        raise ValueError(f"compact must be one of {COMPACT_MODES}, got {full['compact']!r}")
-    for key, check in _SPECIFIC_CHECKS.get(name, {}).items():
-        check(full, key)
+    full = {**solver_options(name), **opts}
+    for key, option in known.items():
+        option.validate(key, full[key])
     return full
-
-
-def _check_int(opts: dict, key: str, minimum: int) -> None:
-    v = opts[key]
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {v!r}")
-
-
-def _check_pos(opts: dict, key: str) -> None:
-    v = opts[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-        raise ValueError(f"{key} must be a number > 0, got {v!r}")
-
-
-def _check_range(lo: float, hi: float, lo_open: bool = False) -> Callable[[dict, str], None]:
-    def check(opts: dict, key: str) -> None:
-        v = opts[key]
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        ok = ok and (lo < v if lo_open else lo <= v) and v <= hi
-        bracket = "(" if lo_open else "["
-        if not ok:
-            raise ValueError(f"{key} must be in {bracket}{lo}, {hi}], got {v!r}")
-
-    return check
-
-
-def _check_memory(opts: dict, key: str) -> None:
-    if opts[key] is not None:
-        _check_int(opts, key, minimum=1)
-
-
-_SPECIFIC_CHECKS: dict[str, dict[str, Callable[[dict, str], None]]] = {
-    "fixed_point": {"damping": _check_range(0.0, 0.99)},
-    "anderson": {
-        "m": lambda o, k: _check_int(o, k, 1),
-        "lam": _check_range(0.0, 1e6),
-        "beta": _check_range(0.0, 2.0, lo_open=True),
-    },
-    "broyden": {"memory": _check_memory},
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared bookkeeping
-# ----------------------------------------------------------------------------------------------
-
-
-class _Monitor:
-    """Per-sample residuals, best iterate, freezing and status; shared by every solver.
-
-    State-sized buffers are updated in place: on CPU a fresh multi-MiB tensor per step costs
-    page faults comparable to the arithmetic itself.
-
-    With ``compact`` the solver's tensors hold only the *rows* still being solved
-    (``self.rows``, indices into the batch); the records here stay batch-sized. After each
-    :meth:`observe`, ``self.keep`` is a boolean mask over the previous rows when some of them
-    stopped (the solver then drops them from its own buffers with :meth:`shrink`), else None.
-    """
-
-    def __init__(
-        self,
-        x0: Tensor,
-        tol: float,
-        stop_mode: str,
-        diverge_factor: float,
-        compact: bool = False,
-    ) -> None:
-        b = x0.shape[0]
-        self.batch, self.compact = b, compact
-        self.rows: Tensor | None = None  # None: every row of the batch
-        self.keep: Tensor | None = None
-        self.tol, self.stop_mode, self.diverge_factor = tol, stop_mode, diverge_factor
-        self.best_x = x0.clone()
-        inf = torch.full((b,), math.inf, device=x0.device, dtype=x0.dtype)
-        self.best_abs, self.best_rel, self.best_res = inf.clone(), inf.clone(), inf.clone()
-        self.best_step = torch.zeros(b, dtype=torch.long, device=x0.device)
-        self.status = torch.full((b,), int(Status.MAX_ITER), dtype=torch.long, device=x0.device)
-        self.active = torch.ones(b, dtype=torch.bool, device=x0.device)
-        self.steps = torch.zeros(b, dtype=torch.long, device=x0.device)
-        self.all_active = True
-        self.abs_trace: list[Tensor] = []
-        self.rel_trace: list[Tensor] = []
-
-    def evaluate(self, f: FlatFn, x: Tensor) -> Tensor:
-        """``f`` on the current rows: ``f(x)``, or ``f(x, index=rows)`` once rows have left."""
-        return f(x) if self.rows is None else f(x, index=self.rows)
-
-    def _full(self, part: Tensor, fill: Tensor) -> Tensor:
-        """A batch-sized vector: ``part`` on the current rows, ``fill`` elsewhere."""
-        return part if self.rows is None else fill.index_put((self.rows,), part)
-
-    def expand(self, x: Tensor) -> Tensor:
-        """A batch-sized copy of an iterate: the best iterate on rows that have left."""
-        return x.clone() if self.rows is None else self.best_x.index_put((self.rows,), x)
-
-    def shrink(self, *tensors: Tensor) -> list[Tensor]:
-        """Drop the rows that just stopped (``self.keep``) from the solver's tensors."""
-        return [t[self.keep] for t in tensors]
-
-    def observe(self, k: int, x: Tensor, fx: Tensor, gx: Tensor | None = None) -> bool:
-        """Record the residual of iterate ``k`` (``gx = fx - x`` if already computed).
-
-        ``x``, ``fx`` and ``gx`` hold the current rows. Returns whether any sample is still
-        active.
-        """
-        gx = fx - x if gx is None else gx
-        self.steps += self.active
-        abs_res = torch.linalg.vector_norm(gx, dim=1)
-        rel_res = abs_res / (torch.linalg.vector_norm(fx, dim=1) + 1e-9)
-        # Rows that have left show their best residual (what a frozen sample's trace shows).
-        abs_res, rel_res = self._full(abs_res, self.best_abs), self._full(rel_res, self.best_rel)
-        self.abs_trace.append(abs_res)
-        self.rel_trace.append(rel_res)
-        res = rel_res if self.stop_mode == "rel" else abs_res
-        finite = torch.isfinite(abs_res) & torch.isfinite(rel_res)
-        improved = self.active & finite & (res < self.best_res)
-        if self.rows is None:
-            torch.where(improved[:, None], x, self.best_x, out=self.best_x)
-        else:
-            kept = torch.where(improved[self.rows][:, None], x, self.best_x[self.rows])
-            self.best_x.index_copy_(0, self.rows, kept)
-        self.best_abs = torch.where(improved, abs_res, self.best_abs)
-        self.best_rel = torch.where(improved, rel_res, self.best_rel)
-        self.best_res = torch.where(improved, res, self.best_res)
-        self.best_step = torch.where(improved, k + 1, self.best_step)
-        converged = self.active & finite & (res < self.tol)
-        nonfinite = self.active & ~finite
-        if k == 0:
-            self.first_abs = torch.where(finite, abs_res, torch.inf)
-        # Divergence is judged on the absolute residual: the relative one stays bounded (-> ~1)
-        # while the iterates run off to infinity.
-        diverged = self.active & finite & (abs_res > self.diverge_factor * self.first_abs)
-        for mask, status in (
-            (converged, Status.CONVERGED),
-            (nonfinite, Status.NONFINITE),
-            (diverged, Status.DIVERGED),
-        ):
-            self.status = torch.where(mask, int(status), self.status)
-        self.active = self.active & ~(converged | nonfinite | diverged)
-        n_active = int(self.active.sum())  # the one host sync per step
-        n_rows = self.batch if self.rows is None else self.rows.numel()
-        self.keep = None
-        # Rows leave in groups (a quarter of the rows at least, or all that remain to stop):
-        # each compaction copies the solver's history, which costs more than a few f rows.
-        stopped = n_rows - n_active
-        if self.compact and n_active > 0 and stopped >= max(1, n_rows // 4):
-            rows = torch.arange(self.batch, device=x.device) if self.rows is None else self.rows
-            self.keep = self.active[rows]
-            self.rows = rows[self.keep]
-            n_rows = n_active
-        self.all_active = n_active == n_rows
-        return n_active > 0
-
-    @property
-    def row_active(self) -> Tensor:
-        """The active flags of the current rows."""
-        return self.active if self.rows is None else self.active[self.rows]
-
-    def hold(self, proposal: Tensor) -> Tensor:
-        """Next iterate, in place: the proposal for active samples, the best one for frozen ones.
-
-        Under compaction stopped rows are frozen like this until enough of them leave together.
-        """
-        if not self.all_active:
-            best = self.best_x if self.rows is None else self.best_x[self.rows]
-            torch.where(self.row_active[:, None], proposal, best, out=proposal)
-        return proposal
-
-    def result(
-        self, name: str, max_iter: int, nfe: int, states: list[Tensor], fallbacks: int = 0
-    ) -> FlatResult:
-        stats = SolverStats(
-            solver=name,
-            stop_mode=self.stop_mode,
-            tol=self.tol,
-            max_iter=max_iter,
-            nstep=self.best_step,
-            abs_res=self.best_abs,
-            rel_res=self.best_rel,
-            status=self.status,
-            steps=self.steps,
-            abs_trace=torch.stack(self.abs_trace),
-            rel_trace=torch.stack(self.rel_trace),
-            nfe=nfe,
-            fallbacks=fallbacks,
-        )
-        return FlatResult(self.best_x, stats, states)
-
-
-class _Recorder:
-    """Batch-sized copies of the iterate at chosen steps (for fixed-point correction)."""
-
-    def __init__(self, steps: Sequence[int] | None, mon: _Monitor | None = None) -> None:
-        self.steps = set(steps or ())
-        self.states: list[Tensor] = []
-        self.mon = mon
-
-    def __call__(self, k: int, x: Tensor) -> None:
-        if k in self.steps:  # a copy: solvers update x in place
-            self.states.append(x.clone() if self.mon is None else self.mon.expand(x))
-
-
-def _rowdot(rows: Tensor, x: Tensor) -> Tensor:
-    """``rows @ x`` per sample, (B, n, D) x (B, D) -> (B, 1, n).
-
-    Written as a row-vector product: on CPU, ``bmm(rows, x[..., None])`` takes a path several
-    times slower for the same numbers.
-    """
-    return torch.bmm(x[:, None, :], rows.transpose(1, 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,24 +139,11 @@ def _rowdot(rows: Tensor, x: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-@register_solver("fixed_point")
-def fixed_point(
-    f: FlatFn,
-    x0: Tensor,
-    *,
-    max_iter: int,
-    tol: float,
-    stop_mode: str,
-    diverge_factor: float,
-    compact: bool = False,
-    record: Sequence[int] | None = None,
-    damping: float = 0.0,
-) -> FlatResult:
+@register_solver("fixed_point", damping=Option(0.0, float, in_range(0.0, 0.99)))
+def fixed_point(f: FlatFn, x0: Tensor, run: Run, damping: float) -> FlatResult:
     """Picard iteration ``x <- (1 - damping) f(x) + damping x``."""
-    mon = _Monitor(x0, tol, stop_mode, diverge_factor, compact)
-    rec = _Recorder(record, mon)
-    x = x0
-    for k in range(max_iter):
+    mon, rec, x = run.mon, run.rec, x0
+    for k in range(run.max_iter):
         rec(k, x)
         fx = mon.evaluate(f, x)
         if not mon.observe(k, x, fx):
@@ -368,48 +152,34 @@ def fixed_point(
             x, fx = mon.shrink(x, fx)
         step = fx if damping == 0 else torch.lerp(fx, x, damping)
         x = mon.hold(step)
-    return mon.result("fixed_point", max_iter, k + 1, rec.states)
+    return run.result("fixed_point", k + 1)
 
 
-@register_solver("anderson")
-def anderson(
-    f: FlatFn,
-    x0: Tensor,
-    *,
-    max_iter: int,
-    tol: float,
-    stop_mode: str,
-    diverge_factor: float,
-    compact: bool = False,
-    record: Sequence[int] | None = None,
-    m: int = 9,
-    lam: float = 1e-4,
-    beta: float = 1.0,
-) -> FlatResult:
+# Anderson's options, shared with HyperAnderson (:mod:`.hyper`).
+ANDERSON_OPTIONS = {
+    "m": Option(9, int, integer(1)),
+    "lam": Option(1e-4, float, in_range(0.0, 1e6)),
+    "beta": Option(1.0, float, in_range(0.0, 2.0, lo_open=True)),
+}
+
+
+@register_solver("anderson", **ANDERSON_OPTIONS)
+def anderson(f: FlatFn, x0: Tensor, run: Run, m: int, lam: float, beta: float) -> FlatResult:
     """Anderson acceleration with a history of ``m`` and mixing ``beta``.
 
-    Each step picks weights ``alpha`` (summing to 1) that minimise ``||sum_i alpha_i g_i||`` over
-    the last ``m`` residuals ``g_i = f(x_i) - x_i``, with a ridge ``lam * mean_i ||g_i||^2``. The
-    ridge is *relative* to the residuals: an absolute ridge (1e-4 in locuslab/deq and torchdeq)
-    dominates the Gram matrix once residuals are small and stalls the solve near the tolerance.
-    A singular or non-finite system falls back, for that sample only, to a damped Picard step.
-    Only the new row of the Gram matrix is computed each step.
+    Each step mixes the last ``m`` iterates with the weights of :class:`~.kit.AndersonMixer`
+    (relative ridge ``lam``, per-sample fallback to a plain step).
 
     The default history ``m=9`` needs as few evaluations as the best point of a grid over
     torchdeq's Anderson (m, lam, tau) on every problem of ``bench/solvers.py``; m=5 took up to 3
     more. It costs 2m state-sized buffers during the forward solve only.
     """
     b, d = x0.shape
-    mon = _Monitor(x0, tol, stop_mode, diverge_factor, compact)
-    rec = _Recorder(record, mon)
     xs = x0.new_empty(b, m, d)  # iterates x_i
     gs = x0.new_empty(b, m, d)  # residuals g_i
-    gram = x0.new_zeros(b, m, m, dtype=torch.float64)
-    eye = torch.eye(m, dtype=torch.float64, device=x0.device)
-    ones = torch.ones(b, m, 1, dtype=torch.float64, device=x0.device)
-    x = x0.clone()
-    fallbacks = 0
-    for k in range(max_iter):
+    mixer = AndersonMixer(x0, m, lam)
+    mon, rec, x = run.mon, run.rec, x0.clone()
+    for k in range(run.max_iter):
         rec(k, x)
         fx = mon.evaluate(f, x)
         slot, n = k % m, min(k + 1, m)
@@ -417,30 +187,16 @@ def anderson(
         if not mon.observe(k, x, fx, g):
             break
         if mon.keep is not None:
-            x, xs, gs, gram, ones = mon.shrink(x, xs, gs, gram, ones)
+            x, xs, gs = mon.shrink(x, xs, gs)
+            mixer.shrink(mon)
             b, g = x.shape[0], gs[:, slot]
         xs[:, slot].copy_(x)
-        row = _rowdot(gs[:, :n], g).squeeze(1).double()
-        gram[:, slot, :n] = row
-        gram[:, :n, slot] = row
-        h = gram[:, :n, :n]
-        scale = torch.diagonal(h, dim1=1, dim2=2).mean(1).clamp_min(1e-30)
-        h = h + (lam * scale)[:, None, None] * eye[:n, :n]
-        sol, info = torch.linalg.solve_ex(h, ones[:, :n])
-        total = sol.sum(1)
-        alpha = sol.squeeze(2) / total
-        bad = (info != 0) | ~torch.isfinite(alpha).all(1) | (total.squeeze(1).abs() < 1e-30)
-        if bool(bad.any()):
-            fallbacks += int(bad.sum())
-            plain = torch.zeros_like(alpha)
-            plain[:, slot] = 1.0
-            alpha = torch.where(bad[:, None], plain, alpha)
-        alpha = alpha.to(x0.dtype)[:, None]  # (B, 1, n)
+        alpha = mixer.weights(gs[:, :n], g, slot)[0][:, None]  # (B, 1, n)
         # x_next = sum_i alpha_i (x_i + beta g_i), written into x without (B, n, D) temporaries
         torch.bmm(alpha, xs[:, :n], out=x[:, None])
         x.view(b, 1, d).baddbmm_(alpha, gs[:, :n], alpha=beta)
         x = mon.hold(x)
-    return mon.result("anderson", max_iter, k + 1, rec.states, fallbacks)
+    return run.result("anderson", k + 1, mixer.fallbacks)
 
 
 class _LowRank:
@@ -474,14 +230,14 @@ class _LowRank:
         """``(-I + U^T V) x``."""
         out = -x
         for u, v in self._parts():
-            out.view(x.shape[0], 1, -1).baddbmm_(_rowdot(v, x), u)
+            out.view(x.shape[0], 1, -1).baddbmm_(rowdot(v, x), u)
         return out
 
     def rmatvec(self, x: Tensor) -> Tensor:
         """``x^T (-I + U^T V)``."""
         out = -x
         for u, v in self._parts():
-            out.view(x.shape[0], 1, -1).baddbmm_(_rowdot(u, x), v)
+            out.view(x.shape[0], 1, -1).baddbmm_(rowdot(u, x), v)
         return out
 
     def shrink(self, keep: Tensor) -> None:
@@ -511,37 +267,24 @@ class _LowRank:
         return sum(u.shape[1] for u in self.us)
 
 
-@register_solver("broyden")
-def broyden(
-    f: FlatFn,
-    x0: Tensor,
-    *,
-    max_iter: int,
-    tol: float,
-    stop_mode: str,
-    diverge_factor: float,
-    compact: bool = False,
-    record: Sequence[int] | None = None,
-    memory: int | None = None,
-) -> FlatResult:
+@register_solver("broyden", memory=Option(None, int | None, optional(integer(1))))
+def broyden(f: FlatFn, x0: Tensor, run: Run, memory: int | None) -> FlatResult:
     """Broyden's ("good") method on g(x) = f(x) - x, with a low-rank inverse Jacobian.
 
     ``memory`` caps the number of rank-one updates kept (the estimate restarts when it is full);
     ``None`` keeps all of them, which still costs only the steps actually taken.
     """
-    mon = _Monitor(x0, tol, stop_mode, diverge_factor, compact)
-    rec = _Recorder(record, mon)
     inv = _LowRank(x0, memory)
-    x = x0.clone()
+    mon, rec, x = run.mon, run.rec, x0.clone()
     rec(0, x)
     gx = f(x) - x
     if not mon.observe(0, x, gx + x, gx):
-        return mon.result("broyden", max_iter, 1, rec.states)
+        return run.result("broyden", 1)
     if mon.keep is not None:
         x, gx = mon.shrink(x, gx)
     update = gx.clone()  # -H g with H = -I
     nfe = 1
-    for k in range(1, max_iter):
+    for k in range(1, run.max_iter):
         if mon.all_active:
             dx = update
             x += dx
@@ -575,7 +318,7 @@ def broyden(
             coef = torch.bmm(vt[:, None, :], gx_new[:, :, None]).view(-1, 1)
             update = h_g.addcmul_(u, coef).neg_()
         gx = gx_new
-    return mon.result("broyden", max_iter, nfe, rec.states)
+    return run.result("broyden", nfe)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,9 +387,20 @@ def run_flat(
     resolves it first); it takes effect only for an f that accepts ``index``.
     """
     full = check_solver_options(name, opts)
-    full["compact"] = full["compact"] != "off" and takes_index(f)
+    return run_checked(get_solver(name), f, x0, full, record)
+
+
+def run_checked(
+    fn: SolverFn, f: FlatFn, x0: Tensor, full: dict, record: Sequence[int] | None = None
+) -> FlatResult:
+    """Run solver function ``fn`` with validated options ``full`` (common ones and its own)."""
+    own = dict(full)
+    common = {k: own.pop(k) for k in COMMON_OPTIONS}
+    compact = common["compact"] != "off" and takes_index(f)
     with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
-        return get_solver(name)(f, x0.detach(), record=record, **full)
+        x0 = x0.detach()
+        mon = Monitor(x0, common["tol"], common["stop_mode"], common["diverge_factor"], compact)
+        return fn(f, x0, Run(mon, Recorder(record, mon), common["max_iter"]), **own)
 
 
 def solve(

@@ -1,7 +1,7 @@
 """Explicit (layered) baselines, so a DEQ can be compared with a feed-forward net on the same data.
 
 Any timm architecture, built from scratch, behind the models' common interface
-``forward(x) -> (output, stats)`` with ``stats=None`` (no equilibrium to report).
+``forward(x) -> ModelOutput(output, stats)`` with ``stats=None`` (no equilibrium to report).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import difflib
 
 import timm
 from torch import Tensor, nn
+
+from deq_lightning.models.contract import ModelOutput
 
 
 class TimmClassifier(nn.Module):
@@ -49,8 +51,8 @@ class TimmClassifier(nn.Module):
             **(model_kwargs or {}),
         )
 
-    def forward(self, x: Tensor) -> tuple[Tensor, None]:
-        return self.net(x), None
+    def forward(self, x: Tensor) -> ModelOutput:
+        return ModelOutput(self.net(x), None)
 
 
 __all__ = ["TimmClassifier"]

@@ -1,8 +1,8 @@
 """What every model gives its task: one typed output, ``ModelOutput(output, stats)``.
 
 A task never guesses what a model returned: the model's ``forward`` returns a
-:class:`ModelOutput`, whose ``output`` is the family's prediction (logits, a list of flow
-iterates, an ``LMOutput``) and whose ``stats`` are the DEQ's :class:`DEQStats`, or ``None``
+:class:`ModelOutput`, whose ``output`` is the family's prediction (logits, a dict of flows,
+an ``LMOutput``) and whose ``stats`` are the DEQ's :class:`DEQStats`, or ``None``
 for a layered twin or a baseline. It is a ``NamedTuple``, so ``output, stats = model(x)``
 keeps working.
 """

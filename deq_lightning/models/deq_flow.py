@@ -16,7 +16,9 @@ operator and solves for its fixed point instead:
 
 Training supervises ``n_states`` states along the solver trajectory (*sparse fixed-point
 correction*, :func:`fixed_point_correction_loss`); phantom and implicit gradients are the DEQ
-core's backward modes. The building blocks are torchvision's RAFT modules, reused by import.
+core's backward modes. The building blocks are torchvision's RAFT modules, reused by import;
+the front end (padding, encoders, correlation, warm-start checks) is :mod:`flow_layers`'s, shared
+with RAFT.
 
 Architecture facts (from locuslab/deq-flow ``code.v.2.0/core/deq_flow.py``, ``update.py``,
 ``main.py``, ``evaluate.py``; see docs/thesis.md §6): the hidden state starts at zero, the flow
@@ -32,7 +34,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.interpolate import griddata
 from torch import Tensor, nn
 from torchvision.models.optical_flow.raft import (
@@ -45,9 +46,10 @@ from torchvision.models.optical_flow.raft import (
     UpdateBlock,
 )
 
-from deq_lightning.deq import DEQ, DEQStats, apply_weight_norm
+from deq_lightning.deq import DEQ, apply_weight_norm
+from deq_lightning.models.contract import ModelOutput
+from deq_lightning.models.flow_layers import EncodedPair, FlowModel, convex_upsample, pixel_grid
 
-UPSAMPLE = 8  # both encoders downsample by 8
 MAX_FLOW = 400.0  # pixels with |gt| >= 400 are left out of the loss (deq-flow main.py)
 
 
@@ -76,46 +78,8 @@ SIZES: dict[str, FlowSize] = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Shapes: padding to a multiple of 8, convex upsampling
+# Batch compaction
 # ----------------------------------------------------------------------------------------------
-
-
-class InputPadder:
-    """Replicate-pad images to a multiple of 8 and crop predictions back.
-
-    ``mode="sintel"`` splits the padding evenly on all sides; ``"kitti"`` pads the height at the
-    bottom only (deq-flow ``InputPadder``; KITTI frames are 370-376 px high).
-    """
-
-    def __init__(self, size: Sequence[int], mode: str = "sintel", multiple: int = UPSAMPLE):
-        if mode not in ("sintel", "kitti"):
-            raise ValueError(f"pad mode must be 'sintel' or 'kitti', got {mode!r}")
-        h, w = size[-2:]
-        ph, pw = -h % multiple, -w % multiple
-        top = 0 if mode == "kitti" else ph // 2
-        self.pads = (pw // 2, pw - pw // 2, top, ph - top)  # left, right, top, bottom
-
-    def pad(self, x: Tensor) -> Tensor:
-        return F.pad(x, self.pads, mode="replicate") if any(self.pads) else x
-
-    def unpad(self, x: Tensor) -> Tensor:
-        left, right, top, bottom = self.pads
-        h, w = x.shape[-2:]
-        return x[..., top : h - bottom, left : w - right]
-
-
-def convex_upsample(flow: Tensor, mask: Tensor, factor: int = UPSAMPLE) -> Tensor:
-    """Upsample ``(B, 2, h, w)`` flow to ``(B, 2, h*f, w*f)``.
-
-    Each fine pixel is a convex combination (softmax weights from ``mask``, ``(B, 9*f*f, h, w)``)
-    of the 3x3 coarse neighbours of its coarse pixel; flow vectors are scaled by ``f``.
-    """
-    b, _, h, w = flow.shape
-    weights = torch.softmax(mask.view(b, 1, 9, factor, factor, h, w).float(), dim=2)
-    neighbours = F.unfold(factor * flow.float(), kernel_size=3, padding=1)
-    neighbours = neighbours.view(b, 2, 9, 1, 1, h, w)
-    up = (weights * neighbours).sum(dim=2)  # (b, 2, f, f, h, w)
-    return up.permute(0, 1, 4, 2, 5, 3).reshape(b, 2, h * factor, w * factor)
 
 
 class RowsOf:
@@ -145,23 +109,13 @@ class RowsOf:
         return self._rows
 
 
-def pixel_grid(h: int, w: int, device: torch.device) -> Tensor:
-    """``(1, 2, h, w)`` pixel coordinates, x first (the order CorrBlock indexes with)."""
-    ys, xs = torch.meshgrid(
-        torch.arange(h, device=device, dtype=torch.float32),
-        torch.arange(w, device=device, dtype=torch.float32),
-        indexing="ij",
-    )
-    return torch.stack([xs, ys])[None]
-
-
 # ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
 
 
-class DEQFlow(nn.Module):
-    """DEQ-Flow: ``forward(image1, image2) -> (out, stats)``.
+class DEQFlow(FlowModel):
+    """DEQ-Flow: ``forward(image1, image2) -> ModelOutput(out, stats)``.
 
     Images are ``(B, 3, H, W)`` with values in ``[0, pixel_max]`` (255 for the datasets here);
     any H, W work (replicate-padded to a multiple of 8 inside). ``out`` holds
@@ -243,53 +197,18 @@ class DEQFlow(nn.Module):
             apply_weight_norm(self.update_block)
         self.deq = DEQ(**(deq or {}))
 
-    # -- batch norm ------------------------------------------------------------------------------
+    # -- estimate --------------------------------------------------------------------------------
 
-    def freeze_bn(self, frozen: bool = True) -> DEQFlow:
-        """Keep batch-norm statistics fixed (the thesis does after the Chairs stage).
-
-        The flag survives ``train()`` calls, which Lightning makes at every epoch; the affine
-        parameters still train, as in the thesis.
-        """
-        self.bn_frozen = frozen
-        return self.train(self.training)
-
-    def train(self, mode: bool = True) -> DEQFlow:
-        super().train(mode)
-        if self.bn_frozen:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
-
-    # -- forward ---------------------------------------------------------------------------------
-
-    def forward(
-        self,
-        image1: Tensor,
-        image2: Tensor,
-        flow_init: Tensor | None = None,
-        state_init: Sequence[Tensor] | None = None,
-        pad_mode: str = "sintel",
-    ) -> tuple[dict, DEQStats]:
-        self._check_images(image1, image2)
-        padder = InputPadder(image1.shape, pad_mode)
-        x1 = padder.pad(2.0 * image1 / self.pixel_max - 1.0)  # [-1, 1] as in the thesis
-        x2 = padder.pad(2.0 * image2 / self.pixel_max - 1.0)
-        self._check_size(x1)
-
-        fmap1, fmap2 = self.feature_encoder(torch.cat([x1, x2])).chunk(2)
-        corr = CorrBlock(num_levels=self.corr_levels, radius=self.corr_radius)
-        with torch.autocast(x1.device.type, enabled=False):  # correlation in float32
-            corr.build_pyramid(fmap1.float(), fmap2.float())
-        context = self.context_encoder(x1)
+    def estimate(
+        self, pair: EncodedPair, flow_init: Tensor | None, state_init: Sequence[Tensor] | None
+    ) -> ModelOutput:
+        padder, corr, context = pair
         hidden0 = None
         if self.hidden_init == "context":  # RAFT: tanh of the extra channels
             hidden0, context = context.split([self.hidden_dim, self.context_dim], 1)
             hidden0 = torch.tanh(hidden0)
         context = torch.relu(context)
-        b, _, h, w = context.shape
-        grid = pixel_grid(h, w, x1.device)
+        grid = pixel_grid(*context.shape[-2:], context.device)
 
         rows = RowsOf(corr, context)
 
@@ -303,7 +222,7 @@ class DEQFlow(nn.Module):
             hidden, delta = self.update_block(hidden, context_i, corr_features, flow)
             return hidden, flow + delta
 
-        z0 = self._initial_state(b, h, w, x1.device, flow_init, state_init, hidden0)
+        z0 = self._initial_state(context, flow_init, state_init, hidden0)
         n_states = self.n_states if self.training else 1
         states, stats = self.deq.trajectory(f, z0, n_states)
         flow_preds = [
@@ -317,60 +236,25 @@ class DEQFlow(nn.Module):
             "flow_low": flow_low,
             "state": (hidden.detach(), flow_low.detach()),
         }
-        return out, stats
+        return ModelOutput(out, stats)
 
     def _initial_state(
         self,
-        b: int,
-        h: int,
-        w: int,
-        device: torch.device,
+        context: Tensor,
         flow_init: Tensor | None,
         state_init: Sequence[Tensor] | None,
-        hidden0: Tensor | None = None,
+        hidden0: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        if flow_init is not None and state_init is not None:
-            raise ValueError(
-                "pass flow_init or state_init, not both: state_init already holds the flow"
-            )
-        hidden_shape, flow_shape = (b, self.hidden_dim, h, w), (b, 2, h, w)
-        if state_init is not None:
-            if len(state_init) != 2:
-                raise ValueError("state_init must be the (hidden, flow) pair of out['state']")
-            hidden, flow = state_init
-            self._check_shape("state_init hidden", hidden, hidden_shape)
-            self._check_shape("state_init flow", flow, flow_shape)
-            return hidden.detach().float(), flow.detach().float()
-        hidden = torch.zeros(hidden_shape, device=device) if hidden0 is None else hidden0.float()
-        if flow_init is None:
-            return hidden, torch.zeros(flow_shape, device=device)
-        self._check_shape("flow_init", flow_init, flow_shape)
-        return hidden, flow_init.detach().float()
-
-    @staticmethod
-    def _check_shape(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
-        if tuple(t.shape) != shape:
-            raise ValueError(
-                f"{name} has shape {tuple(t.shape)} but this input needs {shape} "
-                "(1/8 of the padded image size); pass the state of a pair of the same size"
-            )
-
-    @staticmethod
-    def _check_images(image1: Tensor, image2: Tensor) -> None:
-        if image1.dim() != 4 or image1.shape[1] != 3 or image1.shape != image2.shape:
-            raise ValueError(
-                "DEQFlow expects two RGB batches of the same shape (B, 3, H, W); got "
-                f"{tuple(image1.shape)} and {tuple(image2.shape)}"
-            )
-
-    def _check_size(self, x: Tensor) -> None:
-        need = UPSAMPLE * 2**self.corr_levels
-        if min(x.shape[-2:]) < need:
-            raise ValueError(
-                f"DEQFlow with corr_levels={self.corr_levels} needs images of at least "
-                f"{need}x{need} pixels (the coarsest correlation level must keep 2 pixels), got "
-                f"{tuple(x.shape[-2:])}; use larger crops or fewer corr_levels"
-            )
+        """Where the solve starts: ``state_init``, else ``hidden0`` (zeros if ``None``) with
+        ``flow_init`` (zero flow if ``None``)."""
+        hidden, flow = self._warm_start(context.shape, flow_init, state_init)
+        b, _, h, w = context.shape
+        hidden = hidden0 if hidden is None else hidden
+        if hidden is None:
+            hidden = torch.zeros(b, self.hidden_dim, h, w, device=context.device)
+        if flow is None:
+            flow = torch.zeros(b, 2, h, w, device=context.device)
+        return hidden.float(), flow
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,13 +311,4 @@ def forward_interpolate(flow: Tensor) -> Tensor:
     return torch.from_numpy(np.stack(out).astype(np.float32)).to(flow.device)
 
 
-__all__ = [
-    "SIZES",
-    "DEQFlow",
-    "FlowSize",
-    "InputPadder",
-    "convex_upsample",
-    "fixed_point_correction_loss",
-    "forward_interpolate",
-    "pixel_grid",
-]
+__all__ = ["SIZES", "DEQFlow", "FlowSize", "fixed_point_correction_loss", "forward_interpolate"]

@@ -22,14 +22,21 @@ size D = d_head, V vocabulary. Sequences are batch first: ``(B, L, ...)``.
 from __future__ import annotations
 
 import math
-from itertools import pairwise
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deq_lightning.deq import DEQ, DEQStats, VariationalDropout, apply_weight_norm
+from deq_lightning.deq import DEQ, VariationalDropout, apply_weight_norm
+from deq_lightning.models.contract import ModelOutput
+from deq_lightning.models.lm_layers import (
+    AdaptiveEmbedding,
+    AdaptiveLogSoftmax,
+    LMOutput,
+    check_tokens,
+    check_vocab,
+)
 
 # Adaptive softmax of WikiText-103 (Transformer-XL, kept by the DEQ-Transformer:
 # deq:DEQ-Sequence/wt103_deq_transformer.sh, --adaptive --div_val 4, cutoffs 20000,40000,200000).
@@ -45,15 +52,14 @@ class Memory(NamedTuple):
     u: Tensor
 
 
-class LMOutput(NamedTuple):
-    """``nll`` (B, L): per-token negative log-likelihood in nats (when targets are given);
-    ``log_probs`` (B, L, V): log-probabilities of the next token (when they are not);
-    ``hidden`` (B, L, d): the equilibrium z*; ``mems``: the memory for the next segment."""
+class AttentionContext(NamedTuple):
+    """What a layer's attention reads besides z, fixed during a solve: the memory's keys/values
+    ``mem_kv`` (B, M, 2*H*D), the position keys ``pos_keys`` (H, K, D) and the causal ``mask``
+    (L, K)."""
 
-    nll: Tensor | None
-    log_probs: Tensor | None
-    hidden: Tensor
-    mems: Memory
+    mem_kv: Tensor
+    pos_keys: Tensor
+    mask: Tensor
 
 
 def layer_norm(x: Tensor) -> Tensor:
@@ -135,25 +141,18 @@ class RelativeSelfAttention(nn.Module):
         kv = self.qkv(h)[..., self.n_head * self.d_head :]
         return kv if u is None else kv + u[..., self.n_head * self.d_head :]
 
-    def forward(
-        self,
-        z: Tensor,
-        injection: Tensor | None,
-        mem_kv: Tensor,
-        pos_keys: Tensor,
-        mask: Tensor,
-    ) -> Tensor:
+    def forward(self, z: Tensor, injection: Tensor | None, ctx: AttentionContext) -> Tensor:
         (B, L, _), H, D = z.shape, self.n_head, self.d_head
         h = layer_norm(z) if self.pre_lnorm else z
         qkv = self.qkv(h)
         q, k, v = (qkv if injection is None else qkv + injection).chunk(3, dim=-1)
-        mem_k, mem_v = mem_kv.chunk(2, dim=-1)
+        mem_k, mem_v = ctx.mem_kv.chunk(2, dim=-1)
         q = q.view(B, L, H, D).transpose(1, 2)  # (B, H, L, D)
         k = torch.cat([mem_k, k], dim=1).view(B, -1, H, D).transpose(1, 2)  # (B, H, K, D)
         v = torch.cat([mem_v, v], dim=1).view(B, -1, H, D).transpose(1, 2)
         content = (q + self.r_w_bias[:, None]) @ k.transpose(-1, -2)  # (B, H, L, K)
-        position = rel_shift((q + self.r_r_bias[:, None]) @ pos_keys.transpose(-1, -2))
-        scores = ((content + position) * self.scale).masked_fill(mask, float("-inf"))
+        position = rel_shift((q + self.r_r_bias[:, None]) @ ctx.pos_keys.transpose(-1, -2))
+        scores = ((content + position) * self.scale).masked_fill(ctx.mask, float("-inf"))
         attn = self.drop_attn(scores.softmax(dim=-1))
         a = (attn @ v).transpose(1, 2).reshape(B, L, H * D)
         out = self.drop(self.out(a))
@@ -176,8 +175,8 @@ class PositionwiseFF(nn.Module):
 
 
 class DEQTransformerLayer(nn.Module):
-    """f: (B, L, d) -> (B, L, d), given the segment's injection (B, L, 3*H*D), the memory's
-    keys/values, the position keys and the causal mask (all fixed during a solve)."""
+    """f: (B, L, d) -> (B, L, d), given the segment's injection (B, L, 3*H*D) and its
+    :class:`AttentionContext` (both fixed during a solve)."""
 
     def __init__(
         self,
@@ -193,128 +192,8 @@ class DEQTransformerLayer(nn.Module):
         self.attn = RelativeSelfAttention(d_model, n_head, d_head, dropout, dropatt, pre_lnorm)
         self.ff = PositionwiseFF(d_model, d_inner, dropout, pre_lnorm)
 
-    def forward(
-        self,
-        z: Tensor,
-        injection: Tensor | None,
-        mem_kv: Tensor,
-        pos_keys: Tensor,
-        mask: Tensor,
-    ) -> Tensor:
-        return self.ff(self.attn(z, injection, mem_kv, pos_keys, mask))
-
-
-# ------------------------------------------------------------------------------------------------
-# Adaptive input embedding and adaptive softmax with tied weights
-# ------------------------------------------------------------------------------------------------
-
-
-class AdaptiveEmbedding(nn.Module):
-    """Word embeddings by frequency cluster (Baevski & Auli 2019, as in Transformer-XL).
-
-    Cluster i holds the words ``[bounds[i], bounds[i+1])`` (the vocabulary is sorted by frequency)
-    with ``d_embed // div_val**i`` dimensions, projected up to d_model: rare words get small
-    vectors, which keeps WikiText-103's 267k-word table affordable. With no cutoffs it is a plain
-    embedding. The tables and projections double as the output weights of
-    :class:`AdaptiveLogSoftmax` (tied weights).
-    """
-
-    def __init__(
-        self,
-        vocab_size: int,
-        d_embed: int,
-        d_model: int,
-        cutoffs: list[int],
-        div_val: int,
-        init_std: float,
-    ) -> None:
-        super().__init__()
-        self.bounds = [0, *cutoffs, vocab_size]
-        self.d_model = d_model
-        self.scale = math.sqrt(d_model)  # Transformer-XL's emb_scale
-        dims = [d_embed // div_val**i for i in range(len(self.bounds) - 1)]
-        if min(dims) < 1:
-            raise ValueError(
-                f"d_embed={d_embed} with div_val={div_val} leaves cluster {dims.index(min(dims))} "
-                f"of the adaptive embedding with no dimensions; raise d_embed or lower div_val"
-            )
-        self.tables = nn.ModuleList(
-            nn.Embedding(hi - lo, dim) for lo, hi, dim in zip(self.bounds, self.bounds[1:], dims)
-        )
-        self.projs = nn.ModuleList(
-            nn.Identity() if dim == d_model else nn.Linear(dim, d_model, bias=False) for dim in dims
-        )
-        for p in self.parameters():
-            nn.init.normal_(p, std=init_std)
-
-    def down(self, i: int, h: Tensor) -> Tensor:
-        """(N, d_model) -> (N, dim_i): the transpose of cluster i's projection (output side)."""
-        proj = self.projs[i]
-        return h if isinstance(proj, nn.Identity) else h @ proj.weight
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        if len(self.tables) == 1:
-            return self.projs[0](self.tables[0](tokens)) * self.scale
-        flat = tokens.reshape(-1)
-        dtype = self.tables[0].weight.dtype
-        emb = torch.zeros(flat.numel(), self.d_model, dtype=dtype, device=flat.device)
-        for i, (lo, hi) in enumerate(pairwise(self.bounds)):
-            idx = ((flat >= lo) & (flat < hi)).nonzero().squeeze(1)
-            emb = emb.index_copy(0, idx, self.projs[i](self.tables[i](flat[idx] - lo)))
-        return emb.view(*tokens.shape, -1) * self.scale
-
-
-class AdaptiveLogSoftmax(nn.Module):
-    """log p(word | h) over frequency clusters, on the (tied) weights of an AdaptiveEmbedding.
-
-    The head scores the first cluster's words and one token per tail cluster; a word in tail
-    cluster i has ``log p = log p_head(cluster i) + log p_i(word)``, so rare clusters are only
-    scored for the targets that fall in them. With no cutoffs this is a plain (tied) softmax.
-    """
-
-    def __init__(self, weights: AdaptiveEmbedding) -> None:
-        super().__init__()
-        self.weights = weights
-        bounds = weights.bounds
-        self.biases = nn.ParameterList(
-            nn.Parameter(torch.zeros(hi - lo)) for lo, hi in pairwise(bounds)
-        )
-        n_tail, d_head_cluster = len(bounds) - 2, weights.tables[0].embedding_dim
-        self.cluster_weight = nn.Parameter(torch.zeros(n_tail, d_head_cluster))
-        self.cluster_bias = nn.Parameter(torch.zeros(n_tail))
-
-    def _logits(self, i: int, h: Tensor) -> Tensor:
-        return F.linear(self.weights.down(i, h), self.weights.tables[i].weight, self.biases[i])
-
-    def _head_log_probs(self, h: Tensor) -> Tensor:
-        words = self._logits(0, h)
-        clusters = F.linear(self.weights.down(0, h), self.cluster_weight, self.cluster_bias)
-        return torch.cat([words, clusters], dim=-1).log_softmax(dim=-1)
-
-    def log_prob(self, h: Tensor) -> Tensor:
-        """(N, d_model) -> (N, V) log-probabilities (every word scored: for sampling)."""
-        if len(self.biases) == 1:
-            return self._logits(0, h).log_softmax(dim=-1)
-        head, n_head = self._head_log_probs(h), self.weights.bounds[1]
-        parts = [head[:, :n_head]]
-        for i in range(1, len(self.biases)):
-            cluster = head[:, n_head + i - 1 : n_head + i]
-            parts.append(cluster + self._logits(i, h).log_softmax(dim=-1))
-        return torch.cat(parts, dim=-1)
-
-    def nll(self, h: Tensor, target: Tensor) -> Tensor:
-        """(N, d_model), (N,) -> (N,) negative log-likelihood of each target."""
-        if len(self.biases) == 1:
-            return F.cross_entropy(self._logits(0, h), target, reduction="none")
-        bounds = self.weights.bounds
-        head = self._head_log_probs(h)
-        lp = head.gather(1, target.clamp(max=bounds[1] - 1)[:, None]).squeeze(1)
-        for i, (lo, hi) in enumerate(pairwise(bounds[1:]), start=1):
-            idx = ((target >= lo) & (target < hi)).nonzero().squeeze(1)
-            tail = self._logits(i, h[idx]).log_softmax(dim=-1)
-            word = tail.gather(1, (target[idx] - lo)[:, None]).squeeze(1)
-            lp = lp.index_copy(0, idx, head[idx, bounds[1] + i - 1] + word)
-        return -lp
+    def forward(self, z: Tensor, injection: Tensor | None, ctx: AttentionContext) -> Tensor:
+        return self.ff(self.attn(z, injection, ctx))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,50 +201,46 @@ class AdaptiveLogSoftmax(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-def check_tokens(tokens: Tensor, targets: Tensor | None, vocab_size: int) -> None:
-    """A language model's inputs: (batch, length) ids inside the vocabulary, targets alike."""
-    if tokens.dim() != 2 or tokens.dtype != torch.long:
-        raise ValueError(
-            f"tokens must be a (batch, length) LongTensor, got {tuple(tokens.shape)} {tokens.dtype}"
-        )
-    if targets is not None and targets.shape != tokens.shape:
-        raise ValueError(
-            f"targets {tuple(targets.shape)} must have the shape of tokens {tuple(tokens.shape)}"
-        )
-    for name, t in (("tokens", tokens), ("targets", targets)):
-        if t is not None and t.numel() and (t.min() < 0 or t.max() >= vocab_size):
-            raise ValueError(
-                f"{name} hold ids in [{int(t.min())}, {int(t.max())}] but the model's "
-                f"vocabulary has {vocab_size} words; set model.vocab_size to the "
-                f"data's vocab_size"
-            )
-
-
 class TransformerLM(nn.Module):
     """What the DEQ-Transformer and its layered twin share: the (adaptive) embedding and tied
-    softmax, the variational input/position/output dropout, the memory length, the input checks
-    and the read-out. Subclasses say how the hidden sequence is computed."""
+    softmax, the variational input/position/output dropout, the memory length, the layer sizes,
+    the input checks and the read-out. Subclasses say how the hidden sequence is computed and take
+    these arguments by keyword, so one config builds either (defaults: the thesis's WT103 run).
+
+    ``adaptive`` selects the adaptive embedding/softmax with ``cutoffs`` and ``div_val`` (the
+    thesis's WikiText-103 setting); otherwise a plain softmax, right for small vocabularies.
+    ``tie_weights`` shares the input embedding with the output layer. ``mem_len`` positions are
+    kept (``eval_mem_len`` in eval mode: the thesis evaluates with a longer memory; both are plain
+    attributes that may be changed between calls).
+    """
 
     def __init__(
         self,
         vocab_size: int,
         d_model: int,
-        mem_len: int,
-        eval_mem_len: int | None,
-        dropout: float,
-        adaptive: bool,
-        cutoffs: list[int],
-        div_val: int,
-        d_embed: int | None,
-        tie_weights: bool,
-        init_std: float,
+        n_head: int,
+        d_head: int,
+        d_inner: int,
+        mem_len: int = 150,  # wt103_deq_transformer.sh --mem_len 150
+        eval_mem_len: int | None = None,
+        dropout: float = 0.05,  # wt103_deq_transformer.sh --dropout 0.05
+        dropatt: float = 0.0,  # wt103_deq_transformer.sh --dropatt 0.0
+        pre_lnorm: bool = False,
+        adaptive: bool = False,
+        cutoffs: list[int] = WT103_CUTOFFS,
+        div_val: int = 4,
+        d_embed: int | None = None,
+        tie_weights: bool = True,
+        init_std: float = 0.01,  # wt103_deq_transformer.sh --init normal --init_std 0.01
     ) -> None:
         super().__init__()
         cutoffs = list(cutoffs) if adaptive else []
         check_config(vocab_size, d_model, mem_len, eval_mem_len, cutoffs)
-        self.vocab_size, self.d_model = vocab_size, d_model
+        self.vocab_size, self.d_model, self.pre_lnorm = vocab_size, d_model, pre_lnorm
+        self.n_head, self.d_head, self.init_std = n_head, d_head, init_std
         self.mem_len = mem_len
         self.eval_mem_len = mem_len if eval_mem_len is None else eval_mem_len
+        self._layer_args = (d_model, n_head, d_head, d_inner, dropout, dropatt, pre_lnorm)
 
         def embedding() -> AdaptiveEmbedding:
             d = d_embed or d_model
@@ -376,6 +251,11 @@ class TransformerLM(nn.Module):
         self.input_drop = VariationalDropout(dropout, shared_dims=(1,))
         self.pos_drop = VariationalDropout(dropout, shared_dims=(0,))
         self.output_drop = VariationalDropout(dropout, shared_dims=(1,))
+
+    def new_layer(self) -> DEQTransformerLayer:
+        """A Transformer-XL layer of this model's sizes, default-initialised (see
+        :meth:`_init_linear`)."""
+        return DEQTransformerLayer(*self._layer_args)
 
     @staticmethod
     def _init_linear(modules: list[nn.Module], std: float) -> None:
@@ -400,11 +280,7 @@ class TransformerLM(nn.Module):
         return self.pos_drop(sinusoid_positions(M + L, self.d_model, device, dtype))
 
     def _read_out(self, z: Tensor, targets: Tensor | None, mems: object) -> LMOutput:
-        B, L, _ = z.shape
-        h = self.output_drop(z).reshape(B * L, -1)
-        if targets is None:
-            return LMOutput(None, self.softmax.log_prob(h).view(B, L, -1), z, mems)
-        return LMOutput(self.softmax.nll(h, targets.reshape(-1)).view(B, L), None, z, mems)
+        return LMOutput(*self.softmax(self.output_drop(z), targets), z, mems)
 
     def _check_tokens(self, tokens: Tensor, targets: Tensor | None) -> None:
         check_tokens(tokens, targets, self.vocab_size)
@@ -414,60 +290,21 @@ class DEQTransformerLM(TransformerLM):
     """Word-level language model whose hidden sequence is the equilibrium of one Transformer-XL
     layer.
 
-    ``forward(tokens (B, L), targets (B, L) | None, mems) -> (LMOutput, DEQStats)``. Pass the
-    returned ``mems`` to the next segment of the same streams; pass ``None`` to start new streams.
-    ``mem_len`` positions are kept (``eval_mem_len`` in eval mode: the thesis evaluates with a
-    longer memory; both are plain attributes that may be changed between calls).
-
-    ``adaptive`` selects the adaptive embedding/softmax with ``cutoffs`` and ``div_val`` (the
-    thesis's WikiText-103 setting); otherwise a plain softmax, right for small vocabularies.
-    ``tie_weights`` shares the input embedding with the output layer. ``deq`` configures the
-    solver (:class:`~deq_lightning.deq.DEQ` kwargs); shallow unrolled pre-training is
+    ``forward(tokens (B, L), targets (B, L) | None, mems) -> ModelOutput(LMOutput, DEQStats)``.
+    Pass the returned ``mems`` to the next segment of the same streams; pass ``None`` to start new
+    streams. Takes :class:`TransformerLM`'s arguments and ``deq``, the solver settings
+    (:class:`~deq_lightning.deq.DEQ` kwargs); shallow unrolled pre-training is
     ``deq_override(model, backward="unrolled", backward_opts={"steps": n})``.
     """
 
     # The weight-tied module f applies (task.compile=true compiles it; see tasks/base.py).
     equilibrium_cell = "layer"
 
-    def __init__(
-        self,
-        vocab_size: int,
-        d_model: int,
-        n_head: int,
-        d_head: int,
-        d_inner: int,
-        mem_len: int = 150,  # wt103_deq_transformer.sh --mem_len 150
-        eval_mem_len: int | None = None,
-        dropout: float = 0.05,  # wt103_deq_transformer.sh --dropout 0.05
-        dropatt: float = 0.0,  # wt103_deq_transformer.sh --dropatt 0.0
-        pre_lnorm: bool = False,
-        adaptive: bool = False,
-        cutoffs: list[int] = WT103_CUTOFFS,
-        div_val: int = 4,
-        d_embed: int | None = None,
-        tie_weights: bool = True,
-        init_std: float = 0.01,  # wt103_deq_transformer.sh --init normal --init_std 0.01
-        deq: dict | None = None,
-    ) -> None:
-        super().__init__(
-            vocab_size,
-            d_model,
-            mem_len,
-            eval_mem_len,
-            dropout,
-            adaptive,
-            cutoffs,
-            div_val,
-            d_embed,
-            tie_weights,
-            init_std,
-        )
-        self.pre_lnorm = pre_lnorm
-        self.inject = nn.Linear(d_model, 3 * n_head * d_head)
-        self.layer = DEQTransformerLayer(
-            d_model, n_head, d_head, d_inner, dropout, dropatt, pre_lnorm
-        )
-        self._init_linear([self.inject, *self.layer.modules()], init_std)
+    def __init__(self, *, deq: dict | None = None, **lm: Any) -> None:
+        super().__init__(**lm)
+        self.inject = nn.Linear(self.d_model, 3 * self.n_head * self.d_head)
+        self.layer = self.new_layer()
+        self._init_linear([self.inject, *self.layer.modules()], self.init_std)
         apply_weight_norm(self.layer)
         self.deq = DEQ(**(deq or {}))
 
@@ -482,7 +319,7 @@ class DEQTransformerLM(TransformerLM):
 
     def forward(
         self, tokens: Tensor, targets: Tensor | None = None, mems: Memory | None = None
-    ) -> tuple[LMOutput, DEQStats]:
+    ) -> ModelOutput:
         self._check_inputs(tokens, targets, mems)
         B, L = tokens.shape
         mems = self.init_memory(B, tokens.device) if mems is None else mems
@@ -490,18 +327,21 @@ class DEQTransformerLM(TransformerLM):
         M = mems.z.shape[1]
         pos = self._positions(M, L, tokens.device, u.dtype)
         attn = self.layer.attn
-        pos_keys, mem_kv = attn.position_keys(pos), attn.memory_kv(mems.z, mems.u)
-        mask = causal_mask(L, M, tokens.device)
+        ctx = AttentionContext(
+            attn.memory_kv(mems.z, mems.u),
+            attn.position_keys(pos),
+            causal_mask(L, M, tokens.device),
+        )
 
         def f(z: Tensor, index: Tensor | None = None) -> Tensor:
             # ``index``: batch compaction (the DEQ solves only the rows still unconverged)
             if index is None:
-                return self.layer(z, u, mem_kv, pos_keys, mask)
-            return self.layer(z, u[index], mem_kv[index], pos_keys, mask)
+                return self.layer(z, u, ctx)
+            return self.layer(z, u[index], ctx._replace(mem_kv=ctx.mem_kv[index]))
 
         z, stats = self.deq(f, torch.zeros(B, L, self.d_model, device=u.device, dtype=u.dtype))
         new_mems = Memory(self._keep(mems.z, z), self._keep(mems.u, u))
-        return self._read_out(z, targets, new_mems), stats
+        return ModelOutput(self._read_out(z, targets, new_mems), stats)
 
     def _check_inputs(self, tokens: Tensor, targets: Tensor | None, mems: Memory | None) -> None:
         self._check_tokens(tokens, targets)
@@ -533,56 +373,26 @@ class LayeredTransformerLM(TransformerLM):
     sequence, each layer (:class:`DEQTransformerLayer`, with no input injection) maps the hidden
     sequence to the next, and every layer attends to its own memory (its input over the previous
     ``mem_len`` positions, detached). Width, memory, dropout, weight norm and the (adaptive)
-    softmax are the DEQ's, so the two differ only in depth and weight sharing: give the same
-    config and ``depth``. ``tie_layers=True`` shares one layer's weights across the stack (a
-    weight-tied network unrolled ``depth`` times, with Transformer-XL's per-layer memory).
+    softmax are the DEQ's (:class:`TransformerLM`'s arguments), so the two differ only in depth
+    and weight sharing: give the same config and ``depth``. ``tie_layers=True`` shares one layer's
+    weights across the stack (a weight-tied network unrolled ``depth`` times, with
+    Transformer-XL's per-layer memory).
 
-    ``forward(tokens, targets, mems) -> (LMOutput, None)``; ``mems`` is a tuple of ``depth``
-    tensors (B, M, d).
+    ``forward(tokens, targets, mems) -> ModelOutput(LMOutput, None)``; ``mems`` is a tuple of
+    ``depth`` tensors (B, M, d).
     """
 
     def __init__(
-        self,
-        vocab_size: int,
-        d_model: int,
-        n_head: int,
-        d_head: int,
-        d_inner: int,
-        depth: int = 2,
-        tie_layers: bool = False,
-        mem_len: int = 150,
-        eval_mem_len: int | None = None,
-        dropout: float = 0.05,
-        dropatt: float = 0.0,
-        pre_lnorm: bool = False,
-        adaptive: bool = False,
-        cutoffs: list[int] = WT103_CUTOFFS,
-        div_val: int = 4,
-        d_embed: int | None = None,
-        tie_weights: bool = True,
-        init_std: float = 0.01,
-        weight_norm: bool = True,
+        self, *, depth: int = 2, tie_layers: bool = False, weight_norm: bool = True, **lm: Any
     ) -> None:
-        super().__init__(
-            vocab_size,
-            d_model,
-            mem_len,
-            eval_mem_len,
-            dropout,
-            adaptive,
-            cutoffs,
-            div_val,
-            d_embed,
-            tie_weights,
-            init_std,
-        )
+        super().__init__(**lm)
         if depth < 1:
             raise ValueError(f"model.depth must be >= 1 layer, got {depth}")
-        self.depth, self.pre_lnorm = depth, pre_lnorm
+        self.depth = depth
 
         def layer() -> DEQTransformerLayer:
-            new = DEQTransformerLayer(d_model, n_head, d_head, d_inner, dropout, dropatt, pre_lnorm)
-            self._init_linear(list(new.modules()), init_std)
+            new = self.new_layer()
+            self._init_linear(list(new.modules()), self.init_std)
             return apply_weight_norm(new) if weight_norm else new
 
         shared = layer() if tie_layers else None
@@ -600,7 +410,7 @@ class LayeredTransformerLM(TransformerLM):
         tokens: Tensor,
         targets: Tensor | None = None,
         mems: tuple[Tensor, ...] | None = None,
-    ) -> tuple[LMOutput, None]:
+    ) -> ModelOutput:
         self._check_tokens(tokens, targets)
         B, L = tokens.shape
         mems = self.init_memory(B, tokens.device) if mems is None else tuple(mems)
@@ -619,23 +429,16 @@ class LayeredTransformerLM(TransformerLM):
         for layer, mem in zip(self.layers, mems):
             new_mems.append(self._keep(mem, z))
             attn = layer.attn
-            z = layer(z, None, attn.memory_kv(mem), attn.position_keys(pos), mask)
-        return self._read_out(z, targets, tuple(new_mems)), None
+            z = layer(z, None, AttentionContext(attn.memory_kv(mem), attn.position_keys(pos), mask))
+        return ModelOutput(self._read_out(z, targets, tuple(new_mems)), None)
 
 
 def check_config(
     vocab_size: int, d_model: int, mem_len: int, eval_mem_len: int | None, cutoffs: list[int]
 ) -> None:
-    if vocab_size < 2:
-        raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+    check_vocab(vocab_size, cutoffs)
     if d_model % 2:
-        raise ValueError(f"d_model must be even (sinusoidal positions), got {d_model}")
+        raise ValueError(f"model.d_model must be even (sinusoidal positions), got {d_model}")
     for name, value in (("mem_len", mem_len), ("eval_mem_len", eval_mem_len)):
         if value is not None and value < 0:
             raise ValueError(f"model.{name} must be >= 0, got {value}")
-    bounds = [0, *cutoffs, vocab_size]
-    if any(a >= b for a, b in pairwise(bounds)):
-        raise ValueError(
-            f"cutoffs {cutoffs} must increase and lie strictly between 0 and "
-            f"vocab_size={vocab_size}; for a small vocabulary set model.adaptive=false"
-        )

@@ -37,7 +37,6 @@ first, ``(B, L, ...)``, as in :mod:`deq_transformer`.
 
 from __future__ import annotations
 
-from itertools import pairwise
 from typing import NamedTuple
 
 import torch
@@ -45,11 +44,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deq_lightning.deq import DEQ, DEQStats, VariationalDropout, apply_weight_norm, forward_scope
-from deq_lightning.models.deq_transformer import (
+from deq_lightning.models.contract import ModelOutput
+from deq_lightning.models.lm_layers import (
     AdaptiveEmbedding,
     AdaptiveLogSoftmax,
     LMOutput,
     check_tokens,
+    check_vocab,
 )
 
 # SplitCrossEntropyLoss cutoffs of the WikiText-103 DEQ-TrellisNet
@@ -134,10 +135,11 @@ class DEQTrellisNetLM(nn.Module):
     """Word-level language model whose hidden sequence is the equilibrium of one TrellisNet layer
     (``depth=0``), or its layered twin (``depth=L``: the layer applied L times, weight-tied).
 
-    ``forward(tokens (B, L), targets (B, L) | None, mems: History | None) -> (LMOutput,
-    DEQStats | None)``, the interface of :class:`~deq_lightning.models.deq_transformer.
-    DEQTransformerLM`, so the LM task, ``generate.py``, ``eval.py`` and the HyperAnderson trainer
-    use it unchanged. Pass the returned ``mems`` to the next segment; ``None`` starts new streams.
+    ``forward(tokens (B, L), targets (B, L) | None, mems: History | None) ->
+    ModelOutput(LMOutput, DEQStats | None)``, the interface of
+    :class:`~deq_lightning.models.deq_transformer.DEQTransformerLM`, so the LM task,
+    ``generate.py``, ``eval.py`` and the HyperAnderson trainer use it unchanged. Pass the
+    returned ``mems`` to the next segment; ``None`` starts new streams.
 
     ``adaptive`` selects the split softmax over ``cutoffs`` (the WT103 script's
     SplitCrossEntropyLoss: clusters of one width, tied to the embedding); ``n_experts > 0`` a
@@ -223,7 +225,7 @@ class DEQTrellisNetLM(nn.Module):
 
     def forward(
         self, tokens: Tensor, targets: Tensor | None = None, mems: History | None = None
-    ) -> tuple[LMOutput, DEQStats | None]:
+    ) -> ModelOutput:
         self._check_inputs(tokens, targets, mems)
         B = tokens.shape[0]
         hist = self.init_memory(B, tokens.device) if mems is None else History(*mems)
@@ -245,7 +247,7 @@ class DEQTrellisNetLM(nn.Module):
                 keep_last(hist.x, x, k - 1),
             )
             out = h[:, self.hidden - self.nout :].transpose(1, 2)  # (B, L, nout)
-            return self._read_out(out, targets, new), stats
+            return ModelOutput(self._read_out(out, targets, new), stats)
 
     def _solve(self, u: Tensor, hist: History) -> tuple[tuple[Tensor, Tensor], DEQStats]:
         hist_h, hist_c = hist.h[:, 0], hist.c[:, 0]
@@ -283,17 +285,13 @@ class DEQTrellisNetLM(nn.Module):
         return emb
 
     def _read_out(self, z: Tensor, targets: Tensor | None, mems: History) -> LMOutput:
-        B, L, _ = z.shape
         h = self.output_drop(z)
         if isinstance(self.softmax, MixtureOfSoftmaxes):
             log_probs = self.softmax.log_prob(h)
             if targets is None:
                 return LMOutput(None, log_probs, z, mems)
             return LMOutput(-log_probs.gather(-1, targets[..., None]).squeeze(-1), None, z, mems)
-        flat = h.reshape(B * L, -1)
-        if targets is None:
-            return LMOutput(None, self.softmax.log_prob(flat).view(B, L, -1), z, mems)
-        return LMOutput(self.softmax.nll(flat, targets.reshape(-1)).view(B, L), None, z, mems)
+        return LMOutput(*self.softmax(h, targets), z, mems)
 
     def _check_inputs(self, tokens: Tensor, targets: Tensor | None, mems: History | None) -> None:
         check_tokens(tokens, targets, self.vocab_size)
@@ -318,8 +316,7 @@ def check_config(
     depth: int,
     cutoffs: list[int],
 ) -> None:
-    if vocab_size < 2:
-        raise ValueError(f"model.vocab_size must be >= 2, got {vocab_size}")
+    check_vocab(vocab_size, cutoffs)
     for name, value in (("d_embed", d_embed), ("nout", nout), ("kernel_size", kernel_size)):
         if value < 1:
             raise ValueError(f"model.{name} must be >= 1, got {value}")
@@ -327,9 +324,3 @@ def check_config(
         raise ValueError(f"model.nhid must be >= 0, got {nhid}")
     if depth < 0:
         raise ValueError(f"model.depth must be 0 (DEQ) or a number of levels, got {depth}")
-    bounds = [0, *cutoffs, vocab_size]
-    if any(a >= b for a, b in pairwise(bounds)):
-        raise ValueError(
-            f"cutoffs {cutoffs} must increase and lie strictly between 0 and "
-            f"vocab_size={vocab_size}; for a small vocabulary set model.adaptive=false"
-        )

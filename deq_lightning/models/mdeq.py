@@ -15,13 +15,15 @@ final 1680, expansion 5, 8 groups, dropout 0.3, no stem downsampling, post-fuse 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deq_lightning.deq import DEQ, DEQStats, VariationalDropout, apply_weight_norm
+from deq_lightning.models.contract import ModelOutput
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
@@ -377,55 +379,51 @@ class ClassificationHead(nn.Module):
         return self.classifier(y)
 
 
-class MDEQClassifier(nn.Module):
-    """MDEQ image classifier: ``forward(x) -> (logits, stats)``.
-
-    Defaults are the thesis's CIFAR-10 model (``cls_mdeq_LARGE.yaml``); the other thesis settings
-    are listed in the project README / experiment configs.
-    """
+class MDEQModel(nn.Module):
+    """An :class:`MDEQBackbone` read by a task head: ``forward(x) -> ModelOutput(head(streams),
+    stats)``. The classifier and the segmenter differ only in their head and their defaults;
+    ``backbone`` holds the other :class:`MDEQBackbone` arguments (in_channels, channels,
+    expansion, num_groups, weight_norm, depth, ...), whose defaults are the thesis's."""
 
     def __init__(
-        self,
-        in_channels: int = 3,
-        num_classes: int = 10,
-        channels: Sequence[int] = (32, 64, 128, 256),
-        expansion: float = 5,
-        num_groups: int = 8,
-        dropout: float = 0.3,
-        downsample_times: int = 0,
-        post_gn_affine: bool = False,
-        weight_norm: bool = True,
-        head_channels: Sequence[int] = (14, 28, 56, 112),
-        final_channels: int = 1680,
-        bn_momentum: float = 0.1,
-        depth: int = 0,
-        deq: dict | None = None,
+        self, head: Callable[[list[int]], nn.Module], deq: dict | None, **backbone: Any
     ) -> None:
         super().__init__()
-        self.backbone = MDEQBackbone(
-            in_channels=in_channels,
-            channels=channels,
-            expansion=expansion,
-            num_groups=num_groups,
-            dropout=dropout,
-            downsample_times=downsample_times,
-            post_gn_affine=post_gn_affine,
-            weight_norm=weight_norm,
-            bn_momentum=bn_momentum,
-            depth=depth,
-            deq=deq,
-        )
-        self.head = ClassificationHead(
-            self.backbone.channels, head_channels, final_channels, num_classes, bn_momentum
-        )
+        self.backbone = MDEQBackbone(deq=deq, **backbone)
+        self.head = head(self.backbone.channels)
 
     @property
     def deq(self) -> DEQ | None:
         return self.backbone.deq
 
-    def forward(self, x: Tensor) -> tuple[Tensor, DEQStats | None]:
+    def forward(self, x: Tensor) -> ModelOutput:
         streams, stats = self.backbone(x)
-        return self.head(streams), stats
+        return ModelOutput(self.head(streams), stats)
+
+
+class MDEQClassifier(MDEQModel):
+    """MDEQ image classifier: ``forward(x) -> ModelOutput(logits, stats)``.
+
+    Defaults are the thesis's CIFAR-10 model (``cls_mdeq_LARGE.yaml``, also
+    :class:`MDEQBackbone`'s); the other thesis settings are listed in the project README /
+    experiment configs.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        head_channels: Sequence[int] = (14, 28, 56, 112),
+        final_channels: int = 1680,
+        bn_momentum: float = 0.1,
+        deq: dict | None = None,
+        **backbone: Any,
+    ) -> None:
+        def head(channels: list[int]) -> ClassificationHead:
+            return ClassificationHead(
+                channels, head_channels, final_channels, num_classes, bn_momentum
+            )
+
+        super().__init__(head, deq, bn_momentum=bn_momentum, **backbone)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,8 +471,8 @@ class SegmentationHead(nn.Module):
         return self.classifier(self.mix(torch.cat(up, dim=1)))
 
 
-class MDEQSegmenter(nn.Module):
-    """MDEQ semantic segmentation: ``forward(x) -> (logits, stats)``.
+class MDEQSegmenter(MDEQModel):
+    """MDEQ semantic segmentation: ``forward(x) -> ModelOutput(logits, stats)``.
 
     ``logits`` has shape ``(B, num_classes, H / 2**d, W / 2**d)`` (``d = downsample_times``,
     sizes rounded up): the resolution of the highest stream. ``stats`` is the
@@ -483,55 +481,39 @@ class MDEQSegmenter(nn.Module):
 
     def __init__(
         self,
-        in_channels: int = 3,
         num_classes: int = 19,
-        channels: Sequence[int] = (32, 64, 128, 256),
-        expansion: float = 5,
-        num_groups: int = 8,
+        final_conv_kernel: int = 1,
         dropout: float = 0.05,
         downsample_times: int = 2,
         post_gn_affine: bool = True,
-        weight_norm: bool = True,
-        final_conv_kernel: int = 1,
         bn_momentum: float = 0.01,
-        depth: int = 0,
         deq: dict | None = None,
+        **backbone: Any,
     ) -> None:
-        super().__init__()
         if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        self.num_classes = num_classes
-        self.downsample_times = downsample_times
-        self.backbone = MDEQBackbone(
-            in_channels=in_channels,
-            channels=channels,
-            expansion=expansion,
-            num_groups=num_groups,
+            raise ValueError(f"model.num_classes must be >= 2, got {num_classes}")
+
+        def head(channels: list[int]) -> SegmentationHead:
+            return SegmentationHead(channels, num_classes, final_conv_kernel, bn_momentum)
+
+        super().__init__(
+            head,
+            deq,
             dropout=dropout,
             downsample_times=downsample_times,
             post_gn_affine=post_gn_affine,
-            weight_norm=weight_norm,
             bn_momentum=bn_momentum,
-            depth=depth,
-            deq=deq,
+            **backbone,
         )
-        self.head = SegmentationHead(
-            self.backbone.channels, num_classes, final_conv_kernel, bn_momentum
-        )
-
-    @property
-    def deq(self) -> DEQ | None:
-        return self.backbone.deq
-
-    def forward(self, x: Tensor) -> tuple[Tensor, DEQStats | None]:
-        streams, stats = self.backbone(x)
-        return self.head(streams), stats
+        self.num_classes = num_classes
+        self.downsample_times = downsample_times
 
 
 __all__ = [
     "ClassificationHead",
     "MDEQBackbone",
     "MDEQClassifier",
+    "MDEQModel",
     "MDEQSegmenter",
     "MultiscaleFusion",
     "MultiscaleLayer",

@@ -24,7 +24,7 @@ Settings (RAFT paper and its ``train.py`` / ``evaluate.py``; torchvision's build
 with 12 iterations and evaluates with 24 (Chairs, KITTI) or 32 (Sintel); ``large`` has a 4-level
 pyramid of radius 4 (5.26M parameters in torchvision, "5.3M" in the paper), ``small`` 4 levels of
 radius 3 (0.99M, "1.0M"). Padding to a multiple of 8, the [-1, 1] input scaling and the checks
-follow :class:`~deq_lightning.models.deq_flow.DEQFlow`, whose helpers are reused by import.
+are DEQ-Flow's: both models share :class:`~deq_lightning.models.flow_layers.FlowModel`.
 """
 
 from __future__ import annotations
@@ -33,19 +33,26 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.models.optical_flow import raft_large, raft_small
 from torchvision.models.optical_flow.raft import CorrBlock
 
-from deq_lightning.models.deq_flow import UPSAMPLE, InputPadder, convex_upsample, pixel_grid
+from deq_lightning.models.contract import ModelOutput
+from deq_lightning.models.flow_layers import (
+    UPSAMPLE,
+    EncodedPair,
+    FlowModel,
+    convex_upsample,
+    pixel_grid,
+)
 
 BUILDERS = {"small": raft_small, "large": raft_large}
 # (levels, radius) of each builder's correlation pyramid, the defaults of corr_levels/corr_radius.
 CORR_DEFAULTS = {"small": (4, 3), "large": (4, 4)}
 
 
-class RAFTFlow(nn.Module):
-    """RAFT with DEQFlow's interface: ``forward(image1, image2) -> (out, None)``.
+class RAFTFlow(FlowModel):
+    """RAFT with DEQFlow's interface: ``forward(image1, image2) -> ModelOutput(out, None)``.
 
     Images are ``(B, 3, H, W)`` with values in ``[0, pixel_max]``; any H, W work (replicate-padded
     to a multiple of 8 inside). ``out`` holds
@@ -113,49 +120,16 @@ class RAFTFlow(nn.Module):
         self.hidden_dim = self.update_block.hidden_state_size
         self.context_dim = self.context_encoder.output_dim - self.hidden_dim
 
-    # -- batch norm ------------------------------------------------------------------------------
+    # -- estimate --------------------------------------------------------------------------------
 
-    def freeze_bn(self, frozen: bool = True) -> RAFTFlow:
-        """Keep batch-norm statistics fixed (RAFT does after its Chairs stage), as DEQFlow does.
-
-        The flag survives ``train()`` calls; affine parameters still train. Only ``large`` has
-        batch norm (its context encoder); ``small`` has none, so this changes nothing there.
-        """
-        self.bn_frozen = frozen
-        return self.train(self.training)
-
-    def train(self, mode: bool = True) -> RAFTFlow:
-        super().train(mode)
-        if self.bn_frozen:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
-
-    # -- forward ---------------------------------------------------------------------------------
-
-    def forward(
-        self,
-        image1: Tensor,
-        image2: Tensor,
-        flow_init: Tensor | None = None,
-        state_init: Sequence[Tensor] | None = None,
-        pad_mode: str = "sintel",
-    ) -> tuple[dict, None]:
-        self._check_images(image1, image2)
-        padder = InputPadder(image1.shape, pad_mode)
-        x1 = padder.pad(2.0 * image1 / self.pixel_max - 1.0)  # [-1, 1], as RAFT
-        x2 = padder.pad(2.0 * image2 / self.pixel_max - 1.0)
-        self._check_size(x1)
-
-        fmap1, fmap2 = self.feature_encoder(torch.cat([x1, x2])).chunk(2)
-        corr = CorrBlock(num_levels=self.corr_levels, radius=self.corr_radius)
-        with torch.autocast(x1.device.type, enabled=False):  # correlation in float32
-            corr.build_pyramid(fmap1.float(), fmap2.float())
-        hidden, context = self.context_encoder(x1).split([self.hidden_dim, self.context_dim], 1)
+    def estimate(
+        self, pair: EncodedPair, flow_init: Tensor | None, state_init: Sequence[Tensor] | None
+    ) -> ModelOutput:
+        padder, corr, encoded = pair
+        hidden, context = encoded.split([self.hidden_dim, self.context_dim], 1)
         hidden, context = torch.tanh(hidden), torch.relu(context)
         h, w = context.shape[-2:]
-        grid = pixel_grid(h, w, x1.device)
+        grid = pixel_grid(h, w, context.device)
         hidden, flow = self._initial_state(hidden, flow_init, state_init)
 
         n_iters = self.num_iters if self.training else self.eval_iters
@@ -173,7 +147,7 @@ class RAFTFlow(nn.Module):
             "flow_low": flow,
             "state": (hidden.detach().float(), flow.detach().float()),
         }
-        return out, None
+        return ModelOutput(out, None)
 
     def _upsample(self, flow: Tensor, hidden: Tensor) -> Tensor:
         """x8: convex combination with predicted weights (large), bilinear (small, as RAFT-S)."""
@@ -188,48 +162,13 @@ class RAFTFlow(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """``(hidden, flow)`` before the first iteration: the context encoder's hidden state and
         zero flow, unless ``flow_init`` or ``state_init`` gives them."""
-        if flow_init is not None and state_init is not None:
-            raise ValueError(
-                "pass flow_init or state_init, not both: state_init already holds the flow"
-            )
-        b, _, h, w = hidden.shape
-        hidden_shape, flow_shape = (b, self.hidden_dim, h, w), (b, 2, h, w)
-        if state_init is not None:
-            if len(state_init) != 2:
-                raise ValueError("state_init must be the (hidden, flow) pair of out['state']")
-            state_hidden, state_flow = state_init
-            self._check_shape("state_init hidden", state_hidden, hidden_shape)
-            self._check_shape("state_init flow", state_flow, flow_shape)
-            return state_hidden.detach().to(hidden.dtype), state_flow.detach().float()
-        if flow_init is None:
-            return hidden, torch.zeros(flow_shape, device=hidden.device)
-        self._check_shape("flow_init", flow_init, flow_shape)
-        return hidden, flow_init.detach().float()
-
-    @staticmethod
-    def _check_shape(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
-        if tuple(t.shape) != shape:
-            raise ValueError(
-                f"{name} has shape {tuple(t.shape)} but this input needs {shape} "
-                "(1/8 of the padded image size); pass the state of a pair of the same size"
-            )
-
-    @staticmethod
-    def _check_images(image1: Tensor, image2: Tensor) -> None:
-        if image1.dim() != 4 or image1.shape[1] != 3 or image1.shape != image2.shape:
-            raise ValueError(
-                "RAFTFlow expects two RGB batches of the same shape (B, 3, H, W); got "
-                f"{tuple(image1.shape)} and {tuple(image2.shape)}"
-            )
-
-    def _check_size(self, x: Tensor) -> None:
-        need = UPSAMPLE * 2**self.corr_levels
-        if min(x.shape[-2:]) < need:
-            raise ValueError(
-                f"RAFTFlow with corr_levels={self.corr_levels} needs images of at least "
-                f"{need}x{need} pixels (the coarsest correlation level must keep 2 pixels), got "
-                f"{tuple(x.shape[-2:])}; use larger crops or fewer corr_levels"
-            )
+        state_hidden, flow = self._warm_start(hidden.shape, flow_init, state_init)
+        if state_hidden is not None:
+            hidden = state_hidden.to(hidden.dtype)
+        if flow is None:
+            b, _, h, w = hidden.shape
+            flow = torch.zeros(b, 2, h, w, device=hidden.device)
+        return hidden, flow
 
 
 __all__ = ["CORR_DEFAULTS", "RAFTFlow"]

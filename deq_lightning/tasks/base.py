@@ -14,101 +14,27 @@ but the file.
 from __future__ import annotations
 
 import copy
-import inspect
 import random
 from contextlib import ExitStack
-from dataclasses import dataclass, fields
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MinMetric
 
-from deq_lightning.deq import DEQ, DEQStats, deq_override, get_backward, solver_options
-from deq_lightning.deq.backward import IMPLICIT_DEFAULTS
+from deq_lightning.config import DEQSchedule, build_model, plain
+from deq_lightning.deq import DEQ, DEQStats, deq_override
 from deq_lightning.metrics.equilibrium import equilibrium_metrics
+from deq_lightning.models.contract import ModelOutput
 
 STAGES = ("train", "val", "test")
 
 
 class NonFiniteTrainingError(RuntimeError):
     """Too many training steps in a row had a non-finite loss or gradient."""
-
-
-def plain(value: Any) -> Any:
-    """Hydra containers -> dicts/lists (resolved); anything else unchanged."""
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
-def deq_kwargs(solver: dict, backward: dict) -> dict:
-    """The ``conf/solver`` and ``conf/backward`` nodes -> :class:`~deq_lightning.deq.DEQ` kwargs.
-
-    The nodes carry the options of every solver/mode (so experiments compose with any choice);
-    only those of the chosen solver and backward mode are passed on.
-    """
-    solver_name, backward_name = solver["name"], backward["name"]
-    solver_keys = solver_options(solver_name)
-    mode = get_backward(backward_name)
-    backward_keys = IMPLICIT_DEFAULTS if backward_name == "implicit" else mode.defaults
-    backward_opts = {k: backward[k] for k in backward_keys if k in backward}
-    if backward_name == "implicit":
-        inner = solver_options(backward_opts.get("solver", IMPLICIT_DEFAULTS["solver"]))
-        extra = backward.get("solver_opts") or {}
-        backward_opts.update({k: v for k, v in extra.items() if k in inner or k not in solver_keys})
-    return {
-        "solver": solver_name,
-        "solver_opts": {k: solver[k] for k in solver_keys if solver.get(k) is not None},
-        "eval_solver_opts": {
-            k: v
-            for k, v in (solver.get("eval_opts") or {}).items()
-            if v is not None and k in solver_keys
-        },
-        "backward": backward_name,
-        "backward_opts": backward_opts,
-    }
-
-
-@dataclass
-class DEQSchedule:
-    """When and how the DEQ runs during training (the thesis's flag in brackets)."""
-
-    pretrain_steps: int = 0  # steps of shallow unrolled pre-training [pretrain_steps]
-    pretrain_unroll: int = 2  # f applications while pre-training [n_layer / NUM_LAYERS]
-    jac_loss_weight: float = 0.0  # gamma of the Jacobian term [jac_loss_weight]
-    jac_loss_freq: float = 0.0  # probability of a Jacobian step [jac_loss_freq]
-    jac_incremental: int = 0  # add jac_increment every N DEQ steps, 0 = never [jac_incremental]
-    jac_increment: float = 0.1  # the thesis adds 0.1
-    jac_stop_epoch: int | None = None  # no Jacobian term from this epoch on [JAC_STOP_EPOCH]
-    pretrain_jac_loss_weight: float = 0.0  # Jacobian term during pre-training [PRETRAIN_JAC_...]
-    max_iter_jitter: int = 0  # train max_iter ~ U{max_iter - jitter, max_iter} [rand_f_thres_delta]
-    spectral_radius_every: int = 0  # power method at validation every N epochs, 0 = off
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if v is not None and v < 0:
-                raise ValueError(f"task.{f.name} must be >= 0, got {v}")
-        if self.jac_loss_freq > 1:
-            raise ValueError(f"task.jac_loss_freq is a probability, got {self.jac_loss_freq}")
-        if self.pretrain_unroll < 1:
-            raise ValueError(f"task.pretrain_unroll must be >= 1, got {self.pretrain_unroll}")
-
-    def jac_weight(self, step: int, epoch: int, pretraining: bool) -> float:
-        if self.jac_stop_epoch is not None and epoch >= self.jac_stop_epoch:
-            return 0.0
-        if pretraining:
-            return self.pretrain_jac_loss_weight
-        deq_steps = max(0, step - self.pretrain_steps)
-        bonus = (
-            self.jac_increment * (deq_steps // self.jac_incremental) if self.jac_incremental else 0
-        )
-        return self.jac_loss_weight + bonus if self.jac_loss_weight > 0 else 0.0
 
 
 class DEQTask(pl.LightningModule):
@@ -139,11 +65,7 @@ class DEQTask(pl.LightningModule):
         self.hparams.clear()
         self.hparams.update(clean)
         self._hparams_initial = copy.deepcopy(self._hparams)
-        known = {f.name for f in fields(DEQSchedule)}
-        unknown = sorted(set(schedule) - known)
-        if unknown:
-            raise ValueError(f"unknown task option(s) {unknown}; known: {', '.join(sorted(known))}")
-        self.schedule = DEQSchedule(**schedule)
+        self.schedule = DEQSchedule.of(schedule)
         self.model: nn.Module | None = None
         if all(self.hparams.model.get(k) is not None for k in model_from_data or ()):
             self._build_model()
@@ -203,25 +125,32 @@ class DEQTask(pl.LightningModule):
     def pretraining(self) -> bool:
         return self.training and self.global_step < self.schedule.pretrain_steps
 
-    def run_model(self, *args: Any, **kwargs: Any) -> tuple[Any, DEQStats | None]:
-        """Call the model under this step's DEQ settings; returns ``(output, stats)``."""
+    def run_model(self, *args: Any, **kwargs: Any) -> ModelOutput:
+        """Call the model under this step's DEQ settings; returns its :class:`ModelOutput`.
+
+        Works without a Trainer too (a task loaded from a checkpoint in a notebook): eval mode
+        then runs as a plain validation step, without the spectral radius.
+        """
         stage = "train" if self.training else "eval"
         with ExitStack() as stack:
             changes = self._deq_changes()
             if changes:
                 stack.enter_context(deq_override(self.model, **changes))
-            out = self.model(*args, **kwargs)
-        output, stats = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
-        if stats is not None:
+            out = model_output(self.model(*args, **kwargs))
+        if out.stats is not None:
             self.convergence_traces[stage if stage == "train" else self._eval_stage()] = (
-                stats.forward.rel_trace.float().mean(1).detach().cpu()
+                out.stats.forward.rel_trace.float().mean(1).detach().cpu()
             )
             if self.training:
-                self._pending = stats
-        return output, stats
+                self._pending = out.stats
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's prediction alone (``run_model(...).output``)."""
+        return self.run_model(*args, **kwargs).output
 
     def _eval_stage(self) -> str:
-        return "test" if self.trainer.testing else "val"
+        return "test" if self._trainer is not None and self.trainer.testing else "val"
 
     def _deq_changes(self) -> dict:
         s = self.schedule
@@ -229,6 +158,7 @@ class DEQTask(pl.LightningModule):
         if not self.training:
             if (
                 s.spectral_radius_every
+                and self._trainer is not None
                 and self.trainer.validating
                 and self.current_epoch % s.spectral_radius_every == 0
                 and self._first_val_batch
@@ -518,6 +448,21 @@ class DEQTask(pl.LightningModule):
             metric.update(value.to(metric.device))
 
 
+def model_output(out: Any) -> ModelOutput:
+    """A model's return value as :class:`ModelOutput`. Anything else is the output with no
+    stats, except a plain ``(output, DEQStats | None)`` pair, kept while models move to the
+    contract."""
+    if isinstance(out, ModelOutput):
+        return out
+    if (
+        isinstance(out, tuple)
+        and len(out) == 2
+        and (out[1] is None or isinstance(out[1], DEQStats))
+    ):
+        return ModelOutput(*out)
+    return ModelOutput(out)
+
+
 def compile_equilibrium_cells(model: nn.Module) -> list[nn.Module]:
     """``task.compile=true``: compile, in place, the weight-tied module each DEQ's f applies
     (named by the model class's ``equilibrium_cell``), where a DEQ spends its time.
@@ -592,18 +537,6 @@ def solver_metrics(stats: Any, prefix: str, per_sample: bool = True) -> dict[str
         out[f"{prefix}steps"] = stats.steps.float().mean()
         out[f"{prefix}converged"] = stats.converged.float().mean()
     return out
-
-
-def build_model(model: dict, solver: dict | None, backward: dict | None) -> nn.Module:
-    """Instantiate ``model`` (a ``_target_`` dict), handing DEQ models the solver/backward config."""
-    if not isinstance(model, dict) or "_target_" not in model:
-        raise ValueError(f"task.model must be a config with a _target_, got {model!r}")
-    cls = hydra.utils.get_class(model["_target_"]) if "." in model["_target_"] else None
-    takes_deq = cls is not None and "deq" in inspect.signature(cls).parameters
-    cfg = dict(model)
-    if takes_deq and solver is not None and backward is not None:
-        cfg["deq"] = {**deq_kwargs(solver, backward), **(cfg.get("deq") or {})}
-    return hydra.utils.instantiate(cfg, _convert_="all")
 
 
 def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, total: int) -> Any:

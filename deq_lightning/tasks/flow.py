@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from deq_lightning.metrics.flow import FlowMetric, epe_map
+from deq_lightning.models.contract import ModelOutput
 from deq_lightning.models.deq_flow import MAX_FLOW, fixed_point_correction_loss, forward_interpolate
 
 from .base import DEQTask
@@ -260,6 +261,16 @@ class FlowTask(DEQTask):
 
     # ------------------------------------------------------------------ prediction
 
+    def solve(self, img1: Tensor, img2: Tensor, flow_init: Tensor | None = None) -> ModelOutput:
+        """The model on a pair of evaluation frames (``(B, 3, H, W)`` in [0, 255]), padded as
+        ``pad_mode`` says; ``flow_init``: a warm start at 1/8 of the padded size."""
+        return self.run_model(img1, img2, flow_init=flow_init, pad_mode=self.pad_mode)
+
+    def forward(self, img1: Tensor, img2: Tensor, flow_init: Tensor | None = None) -> Tensor:
+        """The final flow ``(B, 2, H, W)`` of a frame pair (the last iterate, at input size)."""
+        out, _ = self.solve(img1, img2, flow_init)
+        return out["flow"]
+
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """``{"image1", "image2", "name", "new_sequence"}`` -> ``{"names", "flow"}`` (CPU).
 
@@ -276,6 +287,6 @@ class FlowTask(DEQTask):
         warm = self.warm_start and continues and one_rank and img1.shape[0] == 1
         warm = warm and prev is not None
         init = forward_interpolate(prev) if warm and prev.shape[-2:] == coarse else None
-        out, _ = self.run_model(img1, img2, flow_init=init, pad_mode=self.pad_mode)
+        out, _ = self.solve(img1, img2, init)
         self._previous = out["flow_low"]
         return {"names": list(batch.get("name", [])), "flow": out["flow"].float().cpu()}

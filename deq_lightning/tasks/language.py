@@ -8,11 +8,12 @@ epoch, where the ordered streams start again.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from deq_lightning.deq import DEQStats
 from deq_lightning.metrics.language import TokenPerplexity
 
 from .base import STAGES, DEQTask
@@ -23,6 +24,13 @@ def streams(mems: Any) -> int:
     while not isinstance(mems, Tensor):
         mems = mems[0]
     return mems.shape[0]
+
+
+class Generated(NamedTuple):
+    """Sampled token ids and the diagnostics of the solves that produced them."""
+
+    ids: Tensor
+    stats: list[DEQStats | None]
 
 
 class LanguageModelTask(DEQTask):
@@ -106,8 +114,9 @@ class LanguageModelTask(DEQTask):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Sample ``n_tokens`` after ``prompt`` (1-D token ids), carrying the memory token by token.
+    ) -> Generated:
+        """Sample ``n_tokens`` after ``prompt`` (1-D token ids), carrying the memory token by
+        token; also the stats of every solve (the prompt's, then one per token but the last).
 
         The prompt is read as one segment; every new token is then one DEQ solve on a segment of
         length 1 whose memory holds everything before it (up to ``eval_mem_len``).
@@ -119,16 +128,18 @@ class LanguageModelTask(DEQTask):
         was_training = self.training
         self.eval()
         try:
-            out, _ = self.model(prompt[None].to(self.device), None, None)
-            new = []
-            for _ in range(n_tokens):
+            out, stats = self.run_model(prompt[None].to(self.device), None, None)
+            new, solves = [], [stats]
+            for i in range(n_tokens):
                 logits = out.log_probs[0, -1] / temperature
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
                     logits = logits.masked_fill(logits < kth, -math.inf)
                 token = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)
                 new.append(int(token))
-                out, _ = self.model(token.view(1, 1).to(self.device), None, out.mems)
-            return torch.tensor(new, dtype=torch.long)
+                if i < n_tokens - 1:  # the last token's successor is never drawn
+                    out, stats = self.run_model(token.view(1, 1).to(self.device), None, out.mems)
+                    solves.append(stats)
+            return Generated(torch.tensor(new, dtype=torch.long), solves)
         finally:
             self.train(was_training)

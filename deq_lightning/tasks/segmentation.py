@@ -212,6 +212,11 @@ class SegmentationTask(DEQTask):
             logits, target, weight=self.class_weight, ignore_index=self.ignore_index
         )
 
+    def forward(self, images: Tensor) -> Tensor:
+        """Class logits ``(B, C, H, W)`` at the input's size (the model's are coarser)."""
+        logits, _ = self.run_model(images)
+        return upsample(logits, images.shape[-2:])
+
     def predict_probs(
         self, images: Tensor, size: Sequence[int], scales: Sequence[float], flip: bool
     ) -> tuple[Tensor, Any]:

@@ -14,6 +14,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
+from deq_lightning.app.build import build
+from deq_lightning.app.checks import apply_trainer_choice, check_accelerator, check_config
+from deq_lightning.app.train import train
 from deq_lightning.callbacks.checkpoint import AtomicCheckpointIO, nonfinite_tensors
 from deq_lightning.datamodules.checks import DataFileError
 from deq_lightning.datamodules.classification import DigitsDataModule
@@ -22,7 +25,6 @@ from deq_lightning.datamodules.flow import FlowAugmentor, FlowPairs, FlowSample
 from deq_lightning.datamodules.flow_io import write_flo
 from deq_lightning.datamodules.language import EmptySplitError, PTBDataModule
 from deq_lightning.metrics.flow import flow_metric_sums
-from deq_lightning.run import apply_trainer_choice, build, check_accelerator, check_config, train
 from deq_lightning.tasks.base import NonFiniteTrainingError
 
 from ..helpers.app import FAST, compose_cfg, run_script
@@ -199,7 +201,7 @@ def test_data_verify_lists_every_bad_file_at_setup(tmp_path):
             dm.setup("fit")
         text = str(info.value)
         assert str(frame) in text and str(flo) in text, text
-        assert "SintelDataModule: cannot read 2 of " in text and "data.verify" in text
+        assert "data=sintel: cannot read 2 of " in text and "data.verify" in text
 
 
 def test_truncated_png_fails_named_with_a_checkpoint_and_nonzero_exit(tmp_path, run_env):

@@ -5,8 +5,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from deq_lightning.run import check_config
-from deq_lightning.tasks.base import deq_kwargs, plain
+from deq_lightning.app.checks import check_config
+from deq_lightning.config import build_model, deq_kwargs, plain
 
 from ..helpers.app import EXPERIMENTS, compose_cfg
 
@@ -63,17 +63,72 @@ def test_solver_and_backward_reach_the_deq(tmp_path):
             "solver=broyden",
             "solver.max_iter=7",
             "solver.eval_opts.max_iter=11",
-            "solver.m=3",
+            "solver.memory=4",
             "backward=phantom",
             "backward.steps=3",
+            # cls_digits sets implicit's budget; a switch of mode drops it explicitly
+            "backward.extra_ok=true",
         ],
         tmp_path / "run",
     )
     kw = deq_kwargs(plain(cfg.task.solver), plain(cfg.task.backward))
     assert kw["solver"] == "broyden" and kw["solver_opts"]["max_iter"] == 7
+    assert kw["solver_opts"]["memory"] == 4 and "m" not in kw["solver_opts"]
     assert kw["eval_solver_opts"] == {"max_iter": 11}
     assert kw["backward"] == "phantom" and kw["backward_opts"] == {"steps": 3, "tau": 0.8}
-    assert "m" not in kw["solver_opts"]  # Anderson's option, not Broyden's: dropped
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (
+            ["solver=broyden", "solver.m=3"],
+            r"solver\.m=3 is not an option of solver=broyden \(its options: max_iter, tol, "
+            r"stop_mode, diverge_factor, compact, memory\); remove it, or set "
+            r"solver\.extra_ok=true",
+        ),
+        (["solver=broyden", "solver.eval_opts.lam=0.1"], r"solver\.eval_opts\.lam=0\.1 is not"),
+        (
+            ["backward=phantom", "backward.max_iter=9"],
+            r"backward\.max_iter=9, backward\.tol=0\.001 are not options of backward=phantom "
+            r"\(its options: steps, tau\); remove them, or set backward\.extra_ok=true",
+        ),
+        (
+            ["backward.solver=broyden", "+backward.solver_opts.m=3"],
+            r"backward\.solver_opts\.m=3 is not an option of backward\.solver=broyden \(its "
+            r"options: max_iter, tol, stop_mode, diverge_factor, compact, memory\)",
+        ),
+    ],
+)
+def test_a_key_the_chosen_solver_does_not_take_fails(overrides, match, tmp_path):
+    cfg = compose_cfg(overrides, tmp_path / "run")
+    with pytest.raises(ValueError, match=match):
+        deq_kwargs(plain(cfg.task.solver), plain(cfg.task.backward))
+    with pytest.raises(ValueError, match="invalid solver/backward config"):
+        check_config(cfg)
+
+
+def test_extra_ok_ignores_keys_of_other_solvers(tmp_path):
+    extra = ["solver.extra_ok=true", "backward.extra_ok=true"]
+    overrides = ["solver=broyden", "solver.m=3", "backward.solver=broyden"]
+    cfg = compose_cfg([*overrides, "+backward.solver_opts.m=3", *extra], tmp_path / "run")
+    kw = deq_kwargs(plain(cfg.task.solver), plain(cfg.task.backward))
+    assert "m" not in kw["solver_opts"] and "m" not in kw["backward_opts"]
+    check_config(cfg)
+    # The inner solver's own options do reach it.
+    cfg = compose_cfg([*overrides[2:], "+backward.solver_opts.memory=3"], tmp_path / "run")
+    assert deq_kwargs(plain(cfg.task.solver), plain(cfg.task.backward))["backward_opts"] == {
+        "solver": "broyden", "max_iter": 20, "tol": 1e-3, "stop_mode": "rel", "memory": 3
+    }  # fmt: skip
+
+
+def test_a_node_saved_before_extra_ok_keeps_its_old_meaning():
+    """Runs saved by the earlier schema hold every solver's defaults and no ``extra_ok``."""
+    solver = {"name": "fixed_point", "max_iter": 12, "m": 9, "memory": None, "damping": 0.0}
+    backward = {"name": "phantom", "solver": "anderson", "max_iter": 100, "steps": 1, "tau": 0.8}
+    kw = deq_kwargs(solver, {**backward, "solver_opts": {}})
+    assert kw["solver_opts"] == {"max_iter": 12, "damping": 0.0}
+    assert kw["backward_opts"] == {"steps": 1, "tau": 0.8}
 
 
 @pytest.mark.parametrize(
@@ -81,6 +136,10 @@ def test_solver_and_backward_reach_the_deq(tmp_path):
     [
         ("solver.mm=3", ConfigCompositionException, "mm"),
         ("solver.max_iter=abc", ConfigCompositionException, "max_iter"),
+        ("solver=broyden solver.memory=many", ConfigCompositionException, "memory"),
+        ("solver=anderson solver.memory=2.5", ConfigCompositionException, "memory"),
+        ("solver.extra_ok=maybe", ConfigCompositionException, "extra_ok"),
+        ("backward=phantom backward.tau=x", ConfigCompositionException, "tau"),
         ("backward.stepz=2", ConfigCompositionException, "stepz"),
         ("trainer.max_epoch=3", ConfigCompositionException, "max_epoch"),
         ("trainer.max_epochs=many", ConfigCompositionException, "max_epochs"),
@@ -90,7 +149,7 @@ def test_solver_and_backward_reach_the_deq(tmp_path):
 )
 def test_typos_and_wrong_types_fail_at_composition(override, error, match, tmp_path):
     with pytest.raises(error) as info:
-        compose_cfg([override], tmp_path / "run")
+        compose_cfg(override.split(), tmp_path / "run")
     text = str(info.value) + str(info.value.__cause__ or "")
     assert match in text, text
 
@@ -137,8 +196,6 @@ TWINS = [
 
 @pytest.mark.parametrize("experiment, twin, extra", TWINS)
 def test_layered_twins_compose_and_have_no_solver(experiment, twin, extra, tmp_path):
-    from deq_lightning.tasks.base import build_model
-
     def build(overrides):
         cfg = compose_cfg([f"experiment={experiment}", *overrides], tmp_path / "run")
         model = {**plain(cfg.task.model), **extra}

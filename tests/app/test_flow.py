@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deq_lightning.app.predict_flow import predict_flow
+from deq_lightning.app.train import train
 from deq_lightning.datamodules.flow_io import read_flo, read_kitti_png
-from deq_lightning.predict_flow import predict_flow
-from deq_lightning.run import train
 
 from ..helpers.app import FAST, compose_cfg
 from .test_segmentation import save_run_config

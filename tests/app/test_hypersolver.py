@@ -7,8 +7,9 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from deq_lightning.hypersolver import register_schema, train_for_run
-from deq_lightning.run import check_config, train
+from deq_lightning.app.checks import check_config
+from deq_lightning.app.hypersolver import register_schema, train_for_run
+from deq_lightning.app.train import train
 
 from ..helpers.app import FAST, compose_cfg, run_script
 
@@ -77,8 +78,8 @@ def test_lm_problems_collected_by_the_trainer_can_be_trained_on(overrides, tmp_p
     usable in the solver's training graph (not inference-mode tensors)."""
     import hydra
 
+    from deq_lightning.app.hypersolver import HyperTrainOptions, collect_problems, fit
     from deq_lightning.deq.hyper import HyperAndersonNet
-    from deq_lightning.hypersolver import HyperTrainOptions, collect_problems, fit
 
     cfg = compose_cfg(overrides, tmp_path / "run")
     dm = hydra.utils.instantiate(cfg.data, _convert_="all")

@@ -19,6 +19,9 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 from torch.utils.data import RandomSampler
 
+from deq_lightning.app.build import build
+from deq_lightning.app.status import resume_path
+from deq_lightning.app.train import train
 from deq_lightning.callbacks.checkpoint import (
     AtomicCheckpointIO,
     LastCheckpoint,
@@ -26,7 +29,6 @@ from deq_lightning.callbacks.checkpoint import (
 )
 from deq_lightning.callbacks.preemption import EXIT_RESUMABLE
 from deq_lightning.loggers import truncate_csv, wandb_history_steps
-from deq_lightning.run import build, resume_path, train
 
 from ..helpers.app import FAST, ROOT, compose_cfg, run_script
 from ..helpers.wandb_offline import records
@@ -176,7 +178,7 @@ def test_signal_saves_at_a_batch_boundary_and_exits_resumable(signum, tmp_path, 
     # The run's log file holds the project's messages and Lightning's; the console shows the
     # project's lines once.
     log = (run / "train.log").read_text()
-    assert "[deq_lightning.run][INFO] - run directory" in log
+    assert "[deq_lightning.app][INFO] - run directory" in log
     assert "[pytorch_lightning." in log and "stopped by a signal" in log
     assert out.count("run directory:") == 1
 

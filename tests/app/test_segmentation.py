@@ -7,8 +7,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from deq_lightning.predict import predict_segmentation
-from deq_lightning.run import train
+from deq_lightning.app.predict_seg import predict_segmentation
+from deq_lightning.app.train import train
 
 from ..helpers.app import FAST, compose_cfg
 

@@ -12,7 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict, read_write
 
-from deq_lightning.run import MakeSweepDir, check_config, refuse_multirun_relaunch
+from deq_lightning.app.checks import check_config, refuse_multirun_relaunch
+from deq_lightning.app.sweeps import MakeSweepDir
 
 from ..helpers.app import CONF, FAST, compose_cfg, run_script
 from ..helpers.wandb_offline import records, wandb_group

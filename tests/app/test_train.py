@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from deq_lightning.run import train
+from deq_lightning.app.train import train
 
 from ..helpers.app import EXPERIMENTS, FAST, ROOT, compose_cfg, run_script
 from ..helpers.wandb_offline import config_and_history, wandb_group
@@ -176,10 +176,15 @@ def test_ddp_subprocess_writes_one_run_dir(tmp_path, run_env):
     assert "run directory" in proc.stdout
     # The same checkpoint evaluated by a single process gives the same test accuracy:
     # the metric was reduced over both ranks, not taken from one of them.
-    ev = run_script("eval.py", [f"run_dir={run}"], run_env, tmp_path)
+    assert_eval_reproduces(run, metrics, run_env, tmp_path)
+
+
+def assert_eval_reproduces(run_dir: Path, metrics: dict, run_env: dict, tmp_path: Path) -> None:
+    """eval.py on the run's checkpoint gives the test accuracy the training run wrote."""
+    ev = run_script("eval.py", [f"run_dir={run_dir}"], run_env, tmp_path)
     (eval_run,) = (tmp_path / "logs" / "eval" / "runs").iterdir()
-    single = json.loads((eval_run / "metrics.json").read_text())
-    assert single["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6), ev.stdout
+    again = json.loads((eval_run / "metrics.json").read_text())
+    assert again["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6), ev.stdout
 
 
 @pytest.mark.slow
@@ -264,10 +269,7 @@ def test_kill_and_resume_then_eval_reproduces(tmp_path, run_env):
     final = torch.load(last, weights_only=True)
     assert final["global_step"] > step_at_kill and final["global_step"] == 90
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    ev = run_script("eval.py", [f"run_dir={run_dir}"], run_env, tmp_path)
-    (eval_run,) = (tmp_path / "logs" / "eval" / "runs").iterdir()
-    again = json.loads((eval_run / "metrics.json").read_text())
-    assert again["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6), ev.stdout
+    assert_eval_reproduces(run_dir, metrics, run_env, tmp_path)
 
 
 @pytest.mark.slow
@@ -313,13 +315,13 @@ def test_missing_dataset_names_the_layout(tmp_path):
 
 
 def test_unconfigured_wandb_falls_back_to_offline(monkeypatch, tmp_path):
-    from deq_lightning import run
+    from deq_lightning.app.build import wandb_mode
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert run.wandb_mode() == "offline"
+    assert wandb_mode() == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert run.wandb_mode() == "online"
+    assert wandb_mode() == "online"
     assert os.environ["WANDB_API_KEY"]

@@ -6,7 +6,7 @@ import hydra
 import pytest
 import torch
 
-from deq_lightning.run import train
+from deq_lightning.app.train import train
 
 from ..helpers.app import FAST, compose_cfg
 
@@ -40,7 +40,7 @@ def test_lm_trellis_tiny_trains_well_below_unigram_and_samples(tmp_path):
     ckpt = next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
     task = LanguageModelTask.load_from_checkpoint(ckpt, weights_only=True)
     prompt = dm.vocab.encode("<eos>", where="prompt")
-    ids = task.generate(prompt, 12, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    ids = task.generate(prompt, 12, 0.8, generator=torch.Generator().manual_seed(0)).ids
     assert ids.shape == (12,) and ((ids >= 0) & (ids < dm.vocab_size)).all()
 
 

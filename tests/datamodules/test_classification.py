@@ -2,17 +2,23 @@ import pickle
 import shutil
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from PIL import Image
+from torch import nn
+from torchmetrics import SumMetric
 
 from deq_lightning.datamodules.classification import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CIFAR10DataModule,
+    ClassificationDataModule,
     DigitsDataModule,
+    ImageArrayDataset,
     ImageNetDataModule,
 )
 from deq_lightning.datamodules.common import DatasetLayoutError
@@ -74,6 +80,67 @@ def test_batch_size_must_split_over_devices():
     dm.trainer = FakeTrainer()
     with pytest.raises(ValueError, match="multiple of 3"):
         dm.setup()
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact evaluation under DDP: each image on exactly one rank, none repeated
+# ----------------------------------------------------------------------------------------------
+
+
+class TenImages(ClassificationDataModule):
+    """Ten 2x2 images whose label is their index (the same ten in every split)."""
+
+    num_classes, in_channels, image_size = 10, 1, 2
+
+    def __init__(self, batch_size: int = 3, num_workers: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def build_splits(self):
+        images = ImageArrayDataset(torch.zeros(10, 1, 2, 2), torch.arange(10))
+        return images, images, images
+
+
+class CountLabels(pl.LightningModule):
+    """Logs how many test images all ranks saw, and the sum of their labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(1, 1)
+        self.count, self.label_sum = SumMetric(), SumMetric()
+
+    def test_step(self, batch, batch_idx):
+        _, y = batch
+        self.count.update(len(y))
+        self.label_sum.update(y.sum())
+        self.log("test/count", self.count)
+        self.log("test/label_sum", self.label_sum)
+
+
+@pytest.mark.parametrize("loader", ["val_dataloader", "test_dataloader"])
+def test_eval_loaders_split_ten_images_over_three_ranks_exactly(loader):
+    seen = []
+    for rank in range(3):
+        dm = TenImages()
+        dm.trainer = SimpleNamespace(world_size=3, global_rank=rank)
+        dm.setup("validate")
+        seen += [int(i) for _, y in getattr(dm, loader)() for i in y]
+    assert sorted(seen) == list(range(10))  # Lightning's padded sampler: 12, two repeated
+
+
+def test_three_processes_count_each_test_image_once(tmp_path):
+    """Lightning keeps the unpadded sampler under a real 3-process run (gloo on CPU)."""
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=3,
+        strategy="ddp_fork",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    (metrics,) = trainer.test(CountLabels(), datamodule=TenImages(), verbose=False)
+    assert metrics == {"test/count": 10.0, "test/label_sum": 45.0}
 
 
 # ----------------------------------------------------------------------------------------------

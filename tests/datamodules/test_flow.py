@@ -9,31 +9,30 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 
 from deq_lightning.datamodules.common import DatasetLayoutError
-from deq_lightning.datamodules.flow import (
-    MIX_WEIGHTS,
-    FlowAugmentor,
-    FlowMixDataModule,
+from deq_lightning.datamodules.flow import FlowDataModule
+from deq_lightning.datamodules.flow_augment import FlowAugmentor, resize_sparse_flow
+from deq_lightning.datamodules.flow_index import (
+    ChairsIndex,
     FlowPairs,
-    FlyingChairsDataModule,
-    FlyingThingsDataModule,
-    HD1KDataModule,
-    KittiDataModule,
-    SintelDataModule,
-    SyntheticFlowDataModule,
-    SyntheticFlowPairs,
-    chairs_index,
-    hd1k_index,
-    kitti_index,
-    load_skimage_photos,
-    resize_sparse_flow,
-    sintel_index,
-    things_index,
+    HD1KIndex,
+    KittiIndex,
+    SintelIndex,
+    ThingsIndex,
 )
 from deq_lightning.datamodules.flow_io import write_flo, write_kitti_png, write_pfm
+from deq_lightning.datamodules.flow_synthetic import (
+    SyntheticFlowDataModule,
+    SyntheticFlowPairs,
+    load_skimage_photos,
+)
 from deq_lightning.metrics import finalize_flow_metrics, flow_metric_sums
+
+from ..helpers.app import CONF, compose_cfg
 
 H, W = 40, 48  # frame size of the fake datasets
 CROP = (32, 40)
@@ -119,8 +118,10 @@ def make_kitti(root: Path, folder: str = "KITTI") -> None:
         )
 
 
-def make_hd1k(root: Path) -> None:
-    base = root / "HD1k"
+def make_hd1k(root: Path, folder: str = "HD1k") -> None:
+    """torchvision's HD1K layout: hd1k_input/image_2 and hd1k_flow_gt/flow_occ, both named
+    <sequence:06d>_<frame:04d>.png, flows in KITTI's 16-bit PNG format."""
+    base = root / folder
     (base / "hd1k_flow_gt" / "flow_occ").mkdir(parents=True)
     for seq, n in ((0, 3), (1, 2)):
         for f in range(n):
@@ -142,6 +143,17 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def preset(name: str, data_dir: Path, **overrides: object) -> FlowDataModule:
+    """``data=<name>`` as the app builds it, on ``data_dir``, with keys replaced by ``overrides``."""
+    cfg = OmegaConf.load(CONF / "data" / f"{name}.yaml")
+    cfg.data_dir = str(data_dir)
+    for key, value in overrides.items():
+        cfg[key] = value
+    kwargs = OmegaConf.to_container(cfg)
+    assert kwargs.pop("_target_") == "deq_lightning.datamodules.flow.FlowDataModule"
+    return FlowDataModule(**kwargs)
+
+
 def levels(sample: dict) -> tuple[int, int]:
     return int(sample["image1"][0, 0, 0]), int(sample["image2"][0, 0, 0])
 
@@ -153,7 +165,7 @@ def levels(sample: dict) -> tuple[int, int]:
 
 def test_chairs_split_file_picks_pairs(data_dir: Path) -> None:
     root = data_dir / "FlyingChairs_release"
-    train, val = chairs_index(root, "train"), chairs_index(root, "val")
+    train, val = ChairsIndex(root).pairs("train"), ChairsIndex(root).pairs("val")
     assert [s.flow.name for s in train] == ["00001_flow.flo", "00003_flow.flo"]
     sample = FlowPairs(val)[0]
     assert levels(sample) == (20, 21)
@@ -163,13 +175,13 @@ def test_chairs_split_file_picks_pairs(data_dir: Path) -> None:
 
 def test_chairs_torchvision_layout(tmp_path: Path) -> None:
     make_chairs(tmp_path, "FlyingChairs_train_val.txt", "FlyingChairs")
-    dm = FlyingChairsDataModule(str(tmp_path), batch_size=2, num_workers=0, crop_size=CROP)
+    dm = preset("chairs", tmp_path, batch_size=2, num_workers=0, crop_size=CROP)
     dm.setup("fit")
     assert len(dm.train_set) == 2 and len(dm.eval_sets["chairs"]) == 1
 
 
 def test_things_both_directions_and_passes(data_dir: Path) -> None:
-    samples = things_index(data_dir / "FlyingThings3D", "TRAIN", "final")
+    samples = ThingsIndex(data_dir / "FlyingThings3D").pairs("TRAIN", "final")
     assert len(samples) == 4  # 2 pairs per direction
     pairs = FlowPairs(samples)
     # into_future: frame i -> i+1 with flow i; into_past: frame i+1 -> i with flow i+1.
@@ -178,11 +190,11 @@ def test_things_both_directions_and_passes(data_dir: Path) -> None:
 
 
 def test_sintel_pairs_within_scenes_and_submission_names(data_dir: Path) -> None:
-    train = sintel_index(data_dir / "Sintel", "training", "clean")
+    train = SintelIndex(data_dir / "Sintel").pairs("training", "clean")
     assert len(train) == 3  # 2 in alley_1, 1 in bamboo_1: never across scenes
     assert [s.new_sequence for s in train] == [True, False, True]
     assert levels(FlowPairs(train)[2]) == (20, 21)
-    test = sintel_index(data_dir / "Sintel", "test", "final")
+    test = SintelIndex(data_dir / "Sintel").pairs("test", "final")
     assert [s.name for s in test] == [
         "final/ambush_1/frame0001.flo",
         "final/ambush_1/frame0002.flo",
@@ -191,18 +203,18 @@ def test_sintel_pairs_within_scenes_and_submission_names(data_dir: Path) -> None
 
 
 def test_kitti_sparse_valid_mask(data_dir: Path) -> None:
-    sample = FlowPairs(kitti_index(data_dir / "KITTI", "training"))[1]
+    sample = FlowPairs(KittiIndex(data_dir / "KITTI").pairs("training"))[1]
     assert levels(sample) == (31, 41)
     assert torch.equal(sample["valid"].bool(), torch.from_numpy(kitti_valid()))
     assert torch.allclose(sample["flow"][0], torch.full((H, W), 1.5))
-    assert [s.name for s in kitti_index(data_dir / "KITTI", "testing")] == [
+    assert [s.name for s in KittiIndex(data_dir / "KITTI").pairs("testing")] == [
         "000000_10.png",
         "000001_10.png",
     ]
 
 
 def test_hd1k_pairs_never_cross_sequences(data_dir: Path) -> None:
-    samples = hd1k_index(data_dir / "HD1k")
+    samples = HD1KIndex(data_dir / "HD1k").pairs()
     assert [s.flow.name for s in samples] == [
         "000000_0000.png",
         "000000_0001.png",
@@ -217,17 +229,17 @@ def test_hd1k_pairs_never_cross_sequences(data_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "cls, val_sets, n_train",
+    "name, val_sets, n_train",
     [
-        (FlyingChairsDataModule, ["chairs"], 2),
-        (FlyingThingsDataModule, ["things_clean", "kitti"], 8),
-        (SintelDataModule, ["sintel_clean", "sintel_final"], 6),
-        (KittiDataModule, ["kitti"], 2),
-        (HD1KDataModule, ["hd1k"], 3),
+        ("chairs", ["chairs"], 2),
+        ("things", ["things_clean", "kitti"], 8),
+        ("sintel", ["sintel_clean", "sintel_final"], 6),
+        ("kitti", ["kitti"], 2),
+        ("hd1k", ["hd1k"], 3),
     ],
 )
-def test_datamodule_batches(data_dir: Path, cls: type, val_sets: list[str], n_train: int) -> None:
-    dm = cls(str(data_dir), batch_size=2, num_workers=0, crop_size=CROP, val_sets=val_sets)
+def test_datamodule_batches(data_dir: Path, name: str, val_sets: list[str], n_train: int) -> None:
+    dm = preset(name, data_dir, batch_size=2, num_workers=0, crop_size=CROP, val_sets=val_sets)
     dm.setup("fit")
     assert len(dm.train_set) == n_train
     batch = next(iter(dm.train_dataloader()))
@@ -239,8 +251,49 @@ def test_datamodule_batches(data_dir: Path, cls: type, val_sets: list[str], n_tr
     assert full["image1"].shape == (1, 3, H, W)  # whole frames for evaluation
 
 
+@pytest.mark.parametrize(
+    "name, parts",
+    [
+        ("chairs", {"chairs": (-0.1, 1.0, True, False)}),
+        ("things", {f"things_{p}": (-0.4, 0.8, True, False) for p in ("clean", "final")}),
+        ("sintel", {f"sintel_{p}": (-0.2, 0.6, True, False) for p in ("clean", "final")}),
+        ("kitti", {"kitti": (-0.2, 0.4, False, True)}),
+        ("hd1k", {"hd1k": (-0.5, 0.2, True, True)}),
+    ],
+)
+def test_presets_hold_the_thesis_augmentation(name: str, parts: dict) -> None:
+    """The values of the deq-flow ``fetch_dataloader`` stages, read from conf/data only."""
+    got = preset(name, Path("unused")).train_parts()
+    assert {
+        k: (a.min_scale, a.max_scale, a.do_flip, a.sparse) for k, (_, a) in got.items()
+    } == parts
+    assert all(repeats == 1 for repeats, _ in got.values())
+
+
+def test_hd1k_preset_composes_and_loads_its_real_layout(tmp_path: Path) -> None:
+    make_hd1k(tmp_path, folder="hd1k")  # torchvision's folder name
+    cfg = compose_cfg(
+        ["experiment=flow_tiny", "data=hd1k", f"data.data_dir={tmp_path}", "data.batch_size=2",
+         "data.num_workers=0", f"data.crop_size=[{CROP[0]},{CROP[1]}]"],
+        tmp_path / "run",
+    )  # fmt: skip
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.setup("fit")
+    assert [s.flow.name for s in dm.train_set.samples] == [
+        "000000_0000.png",
+        "000000_0001.png",
+        "000001_0000.png",
+    ]
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["flow"].shape == (2, 2, *CROP) and dm.train_set.augment.sparse
+    (loader,) = dm.val_dataloader()
+    full = next(iter(loader))
+    assert torch.equal(full["valid"][0].bool(), torch.from_numpy(kitti_valid()))
+    assert torch.allclose(full["flow"][0, 0], torch.zeros(H, W))  # frame 0's flow: const 0
+
+
 def test_predict_sets_for_submissions(data_dir: Path) -> None:
-    dm = SintelDataModule(str(data_dir), batch_size=2, num_workers=0)
+    dm = preset("sintel", data_dir, batch_size=2, num_workers=0)
     dm.setup("predict")
     clean, final = dm.predict_dataloader()
     first = next(iter(clean))
@@ -248,26 +301,32 @@ def test_predict_sets_for_submissions(data_dir: Path) -> None:
         True
     ]
     assert "flow" not in first and len(final) == 2
-    kitti = KittiDataModule(str(data_dir), batch_size=2, num_workers=0)
+    kitti = preset("kitti", data_dir, batch_size=2, num_workers=0)
     kitti.setup("predict")
     assert next(iter(kitti.predict_dataloader()[0]))["name"] == ["000000_10.png"]
-    chairs = FlyingChairsDataModule(str(data_dir), batch_size=2, num_workers=0)
-    with pytest.raises(ValueError, match=r"data.predict_sets"):
+    chairs = preset("chairs", data_dir, batch_size=2, num_workers=0)
+    with pytest.raises(ValueError, match=r"data=chairs has no .*data.predict_sets"):
         chairs.setup("predict")
 
 
 def test_mix_repeats_parts_with_their_augmentation(data_dir: Path) -> None:
-    assert MIX_WEIGHTS == {
-        "sintel_clean": 100,
-        "sintel_final": 100,
-        "kitti": 200,
-        "hd1k": 5,
-        "things_clean": 1,
+    thesis = {"sintel_clean": 100, "sintel_final": 100, "kitti": 200, "hd1k": 5, "things_clean": 1}
+    mix = preset("flow_mix", data_dir)
+    assert mix.hparams.weights == thesis
+    scales = {k: (a.min_scale, a.max_scale, a.sparse) for k, (_, a) in mix.train_parts().items()}
+    assert scales == {
+        "sintel_clean": (-0.2, 0.6, False),
+        "sintel_final": (-0.2, 0.6, False),
+        "kitti": (-0.3, 0.5, True),
+        "hd1k": (-0.5, 0.2, True),
+        "things_clean": (-0.2, 0.6, False),
     }
+    no_flip = preset("flow_mix", data_dir, part_augment={"sintel": {"do_flip": False}})
+    flips = {k: a.do_flip for k, (_, a) in no_flip.train_parts().items()}
+    assert flips == {"sintel_clean": False, "sintel_final": False, "kitti": True, "hd1k": True,
+                     "things_clean": True}  # fmt: skip
     weights = {"sintel_clean": 2, "sintel_final": 0, "kitti": 3, "hd1k": 1, "things_clean": 1}
-    dm = FlowMixDataModule(
-        str(data_dir), batch_size=2, num_workers=0, crop_size=CROP, weights=weights
-    )
+    dm = preset("flow_mix", data_dir, batch_size=2, num_workers=0, crop_size=CROP, weights=weights)
     dm.setup("fit")
     # Sintel clean 3 pairs, KITTI 2, HD1K 3, Things clean TRAIN 4.
     assert len(dm.train_set) == 2 * 3 + 3 * 2 + 1 * 3 + 1 * 4
@@ -279,20 +338,33 @@ def test_mix_repeats_parts_with_their_augmentation(data_dir: Path) -> None:
 
 def test_layout_errors_are_actionable(tmp_path: Path) -> None:
     with pytest.raises(DatasetLayoutError, match="FlyingChairs_release") as err:
-        FlyingChairsDataModule(str(tmp_path), batch_size=2, num_workers=0).setup("fit")
+        preset("chairs", tmp_path, batch_size=2, num_workers=0).setup("fit")
     assert "Expected layout" in str(err.value) and "data.data_dir" in str(err.value)
     make_chairs(tmp_path)
     (tmp_path / "FlyingChairs_release" / "chairs_split.txt").unlink()
     with pytest.raises(DatasetLayoutError, match=r"chairs_split.txt"):
-        chairs_index(tmp_path / "FlyingChairs_release", "train")
+        ChairsIndex(tmp_path / "FlyingChairs_release").pairs("train")
     make_sintel(tmp_path)
     (tmp_path / "Sintel/training/flow/alley_1/frame_0002.flo").unlink()
     with pytest.raises(DatasetLayoutError, match="alley_1"):
-        sintel_index(tmp_path / "Sintel", "training", "clean")
-    with pytest.raises(ValueError, match=r"data.val_sets"):
-        FlyingChairsDataModule(str(tmp_path), val_sets=["chair"])
-    with pytest.raises(ValueError, match=r"data.weights"):
-        FlowMixDataModule(str(tmp_path), weights={"sintel": 1})
+        SintelIndex(tmp_path / "Sintel").pairs("training", "clean")
+
+
+@pytest.mark.parametrize(
+    "name, overrides, match",
+    [
+        ("chairs", {"val_sets": ["chair"]}, r"data.val_sets: unknown name\(s\) \['chair'\]"),
+        ("flow_mix", {"weights": {"sintels": 1}}, r"data.weights: unknown"),
+        ("flow_mix", {"weights": {"kitti": 0}}, r"non-negative integers, not all 0"),
+        ("things", {"passes": []}, r"data.passes must name some of"),
+        ("sintel", {"passes": ["albedo"]}, r"data.passes: unknown"),
+        ("flow_mix", {"part_augment": {"chair": {}}}, r"data.part_augment: unknown"),
+        ("flow_mix", {"part_augment": {"kitti": {"scale": 1}}}, r"part_augment.kitti: unknown"),
+    ],
+)
+def test_bad_preset_values_name_the_key(name: str, overrides: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        preset(name, Path("unused"), **overrides)
 
 
 # ----------------------------------------------------------------------------------------------

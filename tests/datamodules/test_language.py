@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from deq_lightning.datamodules import language
+from deq_lightning.datamodules import language_corpus
 from deq_lightning.datamodules.common import DatasetLayoutError
 from deq_lightning.datamodules.language import (
     MarkovSource,
@@ -204,7 +204,7 @@ def test_cache_is_keyed_by_the_policy_and_keeps_the_counts(tmp_path, caplog, mon
 
     with monkeypatch.context() as m:
         m.setattr(Vocab, "encode_file", no_reading)
-        m.setattr(language, "encode_training_split", no_reading)
+        m.setattr(language_corpus, "encode_training_split", no_reading)
         again = WikiText2DataModule(str(root), cache_dir=str(cache), unk_policy="map")
         again.setup()
     assert again.vocab.words == [*WORDS, "<unk>"]
@@ -235,7 +235,7 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(Vocab, "encode_file", no_reading)
-        m.setattr(language, "encode_training_split", no_reading)
+        m.setattr(language_corpus, "encode_training_split", no_reading)
         again = WikiText2DataModule(str(root), cache_dir=str(cache))
         again.setup()
     assert again.vocab.words == WORDS

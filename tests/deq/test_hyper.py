@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from deq_lightning.app.hypersolver import HyperTrainOptions, evaluate_losses, fit, fit_initializer
 from deq_lightning.deq import DEQ, HyperAndersonNet, capture_problems, save_hypersolver, solve
 from deq_lightning.deq.hyper import _iterate, hyper_solve, load_hypersolver, mixing_weights
-from deq_lightning.deq.solvers import _Monitor, run_flat
-from deq_lightning.hypersolver import HyperTrainOptions, evaluate_losses, fit, fit_initializer
+from deq_lightning.deq.kit import Monitor
+from deq_lightning.deq.solvers import run_flat
 
 from .problems import TanhCell
 
@@ -69,7 +70,7 @@ def test_zeroed_network_is_anderson(zeroed):
     ref = run_flat("anderson", f, x0, {**OPTS, "m": 5})
     got = hyper_solve(net, f, x0, **OPTS, m=5)
     assert not net.mixes()  # so the solver skipped the mixer; run it anyway, too:
-    mon = _Monitor(x0, OPTS["tol"], OPTS["stop_mode"], OPTS["diverge_factor"])
+    mon = Monitor(x0, OPTS["tol"], OPTS["stop_mode"], OPTS["diverge_factor"])
     with torch.no_grad():
         _iterate(net, f, x0, OPTS["max_iter"], 5, 1e-4, 1.0, mon, mix=True)
     forced = mon.result("hyperanderson", OPTS["max_iter"], 0, [])

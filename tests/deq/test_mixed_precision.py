@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deq_lightning.app.train import train
 from deq_lightning.deq import DEQStats
 from deq_lightning.models.deq_flow import fixed_point_correction_loss
-from deq_lightning.run import train
 from tests.helpers.app import FAST, compose_cfg
 from tests.models.test_deq_flow import frames
 from tests.models.test_deq_flow import tiny as flow_tiny

@@ -8,13 +8,8 @@ import torch
 
 from deq_lightning.deq import deq_override
 from deq_lightning.metrics import finalize_flow_metrics, flow_metric_sums
-from deq_lightning.models.deq_flow import (
-    DEQFlow,
-    InputPadder,
-    convex_upsample,
-    fixed_point_correction_loss,
-    forward_interpolate,
-)
+from deq_lightning.models.deq_flow import DEQFlow, fixed_point_correction_loss, forward_interpolate
+from deq_lightning.models.flow_layers import InputPadder, convex_upsample
 
 FAST_DEQ = {
     "solver": "fixed_point",

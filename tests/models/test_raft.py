@@ -13,10 +13,11 @@ from torch.utils.data import DataLoader
 from torchvision.models.optical_flow import raft_large, raft_small
 from torchvision.models.optical_flow.raft import RAFT, CorrBlock
 
+from deq_lightning.config import build_model, plain
 from deq_lightning.datamodules.flow import SyntheticFlowPairs, load_skimage_photos
-from deq_lightning.models.deq_flow import DEQFlow, InputPadder, fixed_point_correction_loss
+from deq_lightning.models.deq_flow import DEQFlow, fixed_point_correction_loss
+from deq_lightning.models.flow_layers import InputPadder
 from deq_lightning.models.raft import CORR_DEFAULTS, RAFTFlow
-from deq_lightning.tasks.base import build_model, plain
 from deq_lightning.tasks.flow import FlowTask
 
 from ..helpers.app import compose_cfg

@@ -225,7 +225,7 @@ def test_train_seed_makes_the_training_pairs_independent_of_the_model():
 
 
 def test_predict_flow_summary_says_what_the_solver_did():
-    from deq_lightning.predict_flow import PairResult, solver_summary
+    from deq_lightning.app.predict_flow import PairResult, solver_summary
 
     def result(warm: bool, steps: float, best: float, converged: bool) -> PairResult:
         return PairResult("p", "p.flo", "p.png", warm, steps, 0.02, best, converged, 24)

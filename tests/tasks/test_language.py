@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from deq_lightning.app.train import train
 from deq_lightning.metrics.language import TokenPerplexity
-from deq_lightning.run import train
 
 from ..helpers.app import FAST, compose_cfg, run_script
 
@@ -83,7 +83,7 @@ def test_short_training_lowers_perplexity_towards_the_floor_and_samples(tmp_path
     task = task_cls.LanguageModelTask.load_from_checkpoint(ckpt, weights_only=True)
     dm = __import__("hydra").utils.instantiate(cfg.data, _convert_="all")
     prompt = dm.vocab.encode("<eos>", where="prompt")
-    ids = task.generate(prompt, 12, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    ids = task.generate(prompt, 12, 0.8, generator=torch.Generator().manual_seed(0)).ids
     assert ids.shape == (12,) and ((ids >= 0) & (ids < dm.vocab_size)).all()
     assert dm.vocab.decode(ids).split()  # real words of the corpus
 

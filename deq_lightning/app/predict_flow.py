@@ -1,4 +1,4 @@
-"""Optical flow for the user's own frames with a trained flow run (``predict_flow.py``).
+"""``predict_flow.py``: optical flow for the user's own frames with a trained flow run.
 
 Frames come from two (or more) image files, a folder of frames (sorted by name) or a video file;
 each consecutive pair gets ``flo/<name>.flo`` (Middlebury format, what Sintel's server takes) and
@@ -10,9 +10,6 @@ needs fewer solver steps when motion is smooth.
 ``benchmark=true`` instead writes the submission files of the run's benchmark test sets
 (``data.predict_sets``: Sintel ``.flo`` per pass and scene, KITTI 16-bit PNGs), warm-started
 along Sintel's scenes on one device.
-
-Kept beside :mod:`deq_lightning.run` (it reuses its run lookup and override merging) so that
-tests can call it directly.
 """
 
 from __future__ import annotations
@@ -22,17 +19,19 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from torchvision.utils import flow_to_image
 
+from deq_lightning.app.build import predict_to
+from deq_lightning.app.console import say
+from deq_lightning.app.runs import Run, run_from
 from deq_lightning.callbacks.flow import FlowSubmissionWriter
 from deq_lightning.datamodules.flow_io import write_flo
+from deq_lightning.deq import DEQStats
 from deq_lightning.models.deq_flow import forward_interpolate
-from deq_lightning.run import locate_run, merge_overrides, say
 from deq_lightning.tasks.flow import FlowTask
 
 PREDICT_OWN_KEYS = {"input", "output_dir", "warm_start", "device", "max_frames", "benchmark"}
@@ -133,58 +132,47 @@ def frame_source(source: str | Sequence[str]) -> tuple[list[str] | None, Iterato
 # ------------------------------------------------------------------------------ the model
 
 
-def load_flow_task(cfg: DictConfig) -> FlowTask:
+def load_flow_task(run: Run) -> FlowTask:
     """The trained task; solver keys given on the command line (``solver.eval_opts.max_iter``)
     replace the run's when its saved config is there."""
-    run_dir, ckpt = locate_run(cfg)
-    saved = run_dir / ".hydra" / "config.yaml"
     overrides = {}
-    if saved.is_file():
-        run_cfg = merge_overrides(OmegaConf.load(saved), cfg, skip=PREDICT_OWN_KEYS)
-        task_cls = hydra.utils.get_class(run_cfg.task._target_)
-        if not issubclass(task_cls, FlowTask):
-            raise ValueError(
-                f"{run_dir} is a {task_cls.__name__} run; predict_flow.py needs a flow run"
-            )
-        overrides = {"solver": OmegaConf.to_container(run_cfg.solver, resolve=True)}
-    say(f"loading {ckpt}")
-    return FlowTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True, **overrides)
+    if run.cfg is not None:
+        run.task_class(FlowTask, "predict_flow.py needs a flow run")
+        overrides = {"solver": OmegaConf.to_container(run.cfg.solver, resolve=True)}
+    say(f"loading {run.ckpt}")
+    return run.load_task(FlowTask, **overrides)
 
 
 def pick_device(name: str) -> torch.device:
+    """``device=auto``: the GPU when there is one."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
 def to_batch(frame: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An ``(H, W, 3)`` uint8 frame -> a ``(1, 3, H, W)`` float batch in [0, 255] (the flow
+    models normalise inside)."""
     return torch.from_numpy(frame).permute(2, 0, 1)[None].float().to(device)
 
 
 # ------------------------------------------------------------------------------ prediction
 
 
-def predict_benchmark(cfg: DictConfig) -> list[Path]:
+def predict_benchmark(run: Run, cfg: DictConfig) -> list[Path]:
     """Submission files for the run's benchmark test sets; returns the files written."""
-    run_dir, _ = locate_run(cfg)
-    saved = run_dir / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        raise FileNotFoundError(f"benchmark=true needs the run's config {saved}: pass run_dir=")
-    run_cfg = merge_overrides(OmegaConf.load(saved), cfg, skip=PREDICT_OWN_KEYS)
-    datamodule = hydra.utils.instantiate(run_cfg.data, _convert_="all")
+    run_cfg = run.config
+    datamodule = run.datamodule()
     if not run_cfg.data.get("predict_sets"):
         raise ValueError(
             "benchmark=true needs benchmark test sets: a run on data=sintel, kitti or flow_mix "
             "(or set data.predict_sets=[sintel_test_clean,sintel_test_final] / [kitti_test])"
         )
-    task = load_flow_task(cfg)
+    task = load_flow_task(run)
     out = Path(cfg.output_dir or Path(cfg.paths.output_dir) / "submission")
     writer = FlowSubmissionWriter(str(out))
-    trainer = hydra.utils.instantiate(
-        run_cfg.trainer, callbacks=[writer], logger=False, _convert_="all"
-    )
     say(f"predicting {list(run_cfg.data.predict_sets)} with {task.pad_mode} padding")
-    trainer.predict(task, datamodule=datamodule, return_predictions=False)
+    predict_to(writer, run_cfg, task, datamodule=datamodule)
     say(f"{len(writer.written)} flow files written to {out.resolve()}")
     return writer.written
 
@@ -193,8 +181,9 @@ def predict_benchmark(cfg: DictConfig) -> list[Path]:
 def predict_flow(cfg: DictConfig) -> list[PairResult] | list[Path]:
     """Write ``.flo`` and colour PNGs for every consecutive pair of ``cfg.input`` (or, with
     ``benchmark=true``, the submission files of the run's benchmark test sets)."""
+    run = run_from(cfg, "predict_flow.py", skip=PREDICT_OWN_KEYS)
     if cfg.get("benchmark"):
-        return predict_benchmark(cfg)
+        return predict_benchmark(run, cfg)
     if not cfg.get("input"):
         raise ValueError(
             "predict_flow.py needs input=<folder of frames> | input=<video> | "
@@ -204,8 +193,7 @@ def predict_flow(cfg: DictConfig) -> list[PairResult] | list[Path]:
     source = list(source) if isinstance(source, ListConfig | list | tuple) else str(source)
     names, frames = frame_source(source)
     device = pick_device(str(cfg.get("device", "auto")))
-    task = load_flow_task(cfg)
-    model = task.model.to(device).eval()
+    task = load_flow_task(run).to(device)
     out_dir = Path(cfg.output_dir or Path(cfg.paths.output_dir) / "flow")
     (out_dir / "flo").mkdir(parents=True, exist_ok=True)
     (out_dir / "color").mkdir(parents=True, exist_ok=True)
@@ -222,10 +210,7 @@ def predict_flow(cfg: DictConfig) -> list[PairResult] | list[Path]:
             )
         if prev is not None:
             init = forward_interpolate(prev_low) if warm and prev_low is not None else None
-            out, stats = model(
-                to_batch(prev, device), to_batch(frame, device), flow_init=init,
-                pad_mode=task.pad_mode,
-            )  # fmt: skip
+            out, stats = task.solve(to_batch(prev, device), to_batch(frame, device), init)
             name = names[i - 1] if names is not None else f"frame_{i - 1:06d}"
             results.append(write_pair(out_dir, name, out["flow"][0], stats, init is not None))
             prev_low = out["flow_low"]
@@ -239,7 +224,10 @@ def predict_flow(cfg: DictConfig) -> list[PairResult] | list[Path]:
     return results
 
 
-def write_pair(out_dir: Path, name: str, flow: torch.Tensor, stats, warm: bool) -> PairResult:
+def write_pair(
+    out_dir: Path, name: str, flow: torch.Tensor, stats: DEQStats | None, warm: bool
+) -> PairResult:
+    """Write one pair's ``.flo`` and colour PNG; what its solve did."""
     flo, color = out_dir / "flo" / f"{name}.flo", out_dir / "color" / f"{name}.png"
     flow = flow.float().cpu()
     write_flo(flo, flow.permute(1, 2, 0).numpy())

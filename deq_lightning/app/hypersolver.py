@@ -1,4 +1,4 @@
-"""Train a HyperAnderson solver for any trained run (``train_hypersolver.py``; thesis ch. 6).
+"""``train_hypersolver.py``: train a HyperAnderson solver for any trained run (thesis ch. 6).
 
 Following Bai, Koltun & Kolter (ICLR 2022; ``docs/thesis.md`` §5): the DEQ is frozen; its
 "ground-truth" fixed points z* come from a long, tight classic solve on training batches; the
@@ -29,12 +29,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from deq_lightning.app.console import say
+from deq_lightning.app.runs import Run, run_from
 from deq_lightning.deq import DEQ, deq_override
 from deq_lightning.deq.hyper import (
     HyperAndersonNet,
@@ -208,24 +209,12 @@ def residual_after(
 # ----------------------------------------------------------------------------------------------
 
 
-def load_run(
-    cfg: DictConfig,
-) -> tuple[pl.LightningModule, pl.LightningDataModule, DictConfig, Path]:
-    """The frozen task, its datamodule and saved config, from ``run_dir=`` / ``ckpt_path=``."""
-    from deq_lightning.run import locate_run
-
-    run_dir, ckpt = locate_run(cfg)
-    saved_path = run_dir / ".hydra" / "config.yaml"
-    if not saved_path.is_file():
-        raise FileNotFoundError(f"{saved_path} not found: run_dir must be a train.py run directory")
-    run_cfg = OmegaConf.load(saved_path)
-    task_cls = hydra.utils.get_class(run_cfg.task._target_)
-    task = task_cls.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+def frozen_task(run: Run) -> pl.LightningModule:
+    """The run's trained task with its weights frozen; an error when it has no DEQ layer."""
+    task = run.load_task()
     if task.model is None or not any(isinstance(m, DEQ) for m in task.model.modules()):
-        raise ValueError(f"{ckpt} holds no DEQ layer: there is no solver to learn")
-    task.eval().requires_grad_(False)
-    datamodule = hydra.utils.instantiate(run_cfg.data, _convert_="all")
-    return task, datamodule, run_cfg, run_dir
+        raise ValueError(f"{run.ckpt} holds no DEQ layer: there is no solver to learn")
+    return task.requires_grad_(False)
 
 
 def collect_problems(
@@ -276,11 +265,10 @@ def forward_budget(task: pl.LightningModule) -> dict:
 
 def train_for_run(cfg: DictConfig) -> Path:
     """The whole command: load, collect, train, report, save; returns the weights file."""
-    from deq_lightning.run import say
-
     opts = HyperTrainOptions(**OmegaConf.to_container(cfg.hyper, resolve=True))
     torch.manual_seed(opts.seed)
-    task, datamodule, _, run_dir = load_run(cfg)
+    run = run_from(cfg, "train_hypersolver.py", merge=False)
+    task, datamodule, run_dir = frozen_task(run), run.datamodule(), run.run_dir
     budget = forward_budget(task)
     k = opts.unroll or budget["max_iter"]
     start = time.perf_counter()
