@@ -25,7 +25,7 @@ from typing import Any, Optional
 import hydra
 import pytorch_lightning as pl
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch import nn
 
 from deq_lightning.deq import (
@@ -233,6 +233,54 @@ def deq_kwargs(solver: dict, backward: dict) -> dict:
         "backward": mode.name,
         "backward_opts": backward_opts,
     }
+
+
+def _typed(path: str, typed: set[str]) -> bool:
+    """Whether the command line set ``path`` or a node above it (a group choice such as
+    ``solver=broyden`` does not count: it picks the node, it sets no key)."""
+    return any(path == t or (path.startswith(t + ".") and "." in t) for t in typed)
+
+
+def drop_unused_keys(cfg: DictConfig, typed: set[str]) -> list[str]:
+    """Null the ``solver``/``backward`` keys that a config file (an experiment, the defaults) set
+    for another solver or backward mode than the chosen one, and return their paths.
+
+    ``python train.py backward=phantom`` on a config written for the implicit backward should
+    run, not fail on that config's ``backward.max_iter``; a key the user typed (``typed``, the
+    command line's keys) is kept, so that :func:`deq_kwargs` rejects it by name.
+    """
+    solver, backward = cfg.get("solver"), cfg.get("backward")
+    if solver is None or backward is None:
+        return []
+    takes = solver_options(solver.name)
+    mode = get_backward(backward.name)
+    inner = backward.get("solver") if "solver" in mode.options else None
+    nodes = [
+        ("solver", solver, takes, _SOLVER_META, solver.get("extra_ok", True)),
+        ("solver.eval_opts", solver.get("eval_opts"), takes, (), solver.get("extra_ok", True)),
+        ("backward", backward, mode.options, _BACKWARD_META, backward.get("extra_ok", True)),
+        (
+            "backward.solver_opts",
+            backward.get("solver_opts"),
+            solver_options(inner or mode.defaults.get("solver", ""))
+            if "solver" in mode.options
+            else {},
+            (),
+            backward.get("extra_ok", True),
+        ),
+    ]
+    dropped = []
+    for where, node, node_takes, skip, extra_ok in nodes:
+        if node is None or extra_ok is True:
+            continue
+        for key in list(node.keys()):
+            path = f"{where}.{key}"
+            if key in skip or key in node_takes or node[key] is None or _typed(path, typed):
+                continue
+            with open_dict(node):
+                node[key] = None
+            dropped.append(path)
+    return dropped
 
 
 def build_model(model: dict, solver: dict | None, backward: dict | None) -> nn.Module:

@@ -6,12 +6,18 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from deq_lightning.app.console import current_overrides, multirun, say
-from deq_lightning.config import check_task_config
+from deq_lightning.app.console import multirun, say, typed_keys
+from deq_lightning.config import check_task_config, drop_unused_keys
 
 
 def check_config(cfg: DictConfig) -> None:
     """Fail before any data is read when a value is impossible, naming the key."""
+    dropped = drop_unused_keys(cfg, typed_keys())
+    if dropped:
+        say(
+            f"ignored {', '.join(dropped)}: set by the config files for another solver or "
+            "backward mode than the chosen one"
+        )
     check_task_config(cfg.task)
     if cfg.get("data") is not None and "batch_size" in cfg.data:
         world = world_size(cfg.trainer)
@@ -30,7 +36,7 @@ def apply_trainer_choice(cfg: DictConfig) -> None:
     if not HydraConfig.initialized():
         return
     choice = HydraConfig.get().runtime.choices.get("trainer")
-    typed = {o.split("=", 1)[0].lstrip("+~") for o in current_overrides()}
+    typed = typed_keys()
     devices = cfg.trainer.get("devices", 1)
     if choice == "cpu" and devices not in (1, "1", "auto") and "trainer.devices" not in typed:
         with open_dict(cfg):

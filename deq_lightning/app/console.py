@@ -51,6 +51,16 @@ def current_overrides() -> list[str]:
     return [str(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
 
 
+def override_key(override: str) -> str:
+    """The config key of a command-line override (``+a.b=1`` -> ``a.b``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def typed_keys() -> set[str]:
+    """The keys the command line sets."""
+    return {override_key(o) for o in current_overrides()}
+
+
 def multirun() -> bool:
     """Whether this process is a job of a Hydra multirun (``-m``)."""
     return HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"

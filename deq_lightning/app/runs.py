@@ -14,6 +14,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from deq_lightning.app.console import override_key
 from deq_lightning.callbacks.checkpoint import LAST
 
 CONFIG = Path(".hydra") / "config.yaml"
@@ -116,7 +117,7 @@ def merge_overrides(
     """The run's saved config with each key the user overrode taken from ``composed``."""
     hc = HydraConfig.get()
     for override in hc.overrides.task:
-        key = override.split("=", 1)[0].lstrip("+~")
+        key = override_key(override)
         if key in RUN_KEYS or key in skip or key.startswith("hydra"):
             continue
         node = GROUP_NODES.get(key, key.replace("/", "."))

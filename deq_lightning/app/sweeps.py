@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from deq_lightning.app.console import multirun
+from deq_lightning.app.console import multirun, override_key
 from deq_lightning.callbacks.checkpoint import write_atomic
 
 STATUS_FILE = "run_status.json"
@@ -51,7 +51,7 @@ def swept_keys(hc: DictConfig) -> set[str]:
 
 def swept_only(overrides: list[str], swept: set[str]) -> list[str]:
     """The overrides of swept keys (all of them when none is swept)."""
-    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or overrides
+    return [o for o in overrides if override_key(o) in swept] or overrides
 
 
 def sweep_job_name() -> str | None:

@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from deq_lightning.app.checks import check_config
-from deq_lightning.config import build_model, deq_kwargs, plain
+from deq_lightning.config import build_model, deq_kwargs, drop_unused_keys, plain
 
 from ..helpers.app import EXPERIMENTS, compose_cfg
 
@@ -105,6 +105,21 @@ def test_a_key_the_chosen_solver_does_not_take_fails(overrides, match, tmp_path)
     with pytest.raises(ValueError, match=match):
         deq_kwargs(plain(cfg.task.solver), plain(cfg.task.backward))
     with pytest.raises(ValueError, match="invalid solver/backward config"):
+        check_config(cfg)
+
+
+def test_a_mode_switch_drops_only_the_keys_the_config_files_set(tmp_path):
+    """The README's ``backward=phantom`` on the default (written for the implicit backward):
+    the default's implicit budget is dropped with a note; a key the user typed still fails."""
+    readme = ["solver=broyden", "solver.max_iter=18", "backward=phantom", "backward.steps=5"]
+    cfg = compose_cfg(readme, tmp_path / "run")
+    check_config(cfg)
+    assert cfg.backward.max_iter is None and cfg.backward.tol is None
+    kw = deq_kwargs(plain(cfg.task.solver), plain(cfg.task.backward))
+    assert kw["backward_opts"] == {"steps": 5, "tau": 0.8} and kw["solver_opts"]["max_iter"] == 18
+    cfg = compose_cfg([*readme, "backward.max_iter=9"], tmp_path / "run")
+    assert drop_unused_keys(cfg, {"backward", "backward.max_iter"}) == ["backward.tol"]
+    with pytest.raises(ValueError, match=r"backward\.max_iter=9 is not an option of backward"):
         check_config(cfg)
 
 
