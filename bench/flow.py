@@ -40,6 +40,25 @@ iterations, the DEQ's correlation levels and solver budgets as its iteration cou
 write ``<out>/results.json``, ``report.md`` and ``learning_curve.png`` (``--ablate`` alone:
 ``ablation.json``, ``.md``, ``.png``), the curve (validation EPE over the
 zero flow's, from the runs' CSV logs); runs are kept under ``bench/results/flow_runs/<peer|ablation>`` (ignored).
+
+Real photographs: after training, each side's model (``deq_lightning.load`` of its run: the
+best-validation checkpoint) predicts the flow of the Middlebury 2014 Motorcycle stereo pair that
+ships with scikit-image (:mod:`deq_lightning.datamodules.flow_real`: flow = (-disparity, 0)),
+its frames downscaled by each of ``--real-scales`` (default 0.25, 125x185, whose mean motion,
+8.9 px, is near the training pairs'; 0.5, 250x370, twice that). Each row's ``real`` holds, per
+scale, ``real_epe`` (over the pixels with known disparity), ``real_epe_zero`` (the zero flow's on
+the same pixels), ``real_epe_vs_zero`` and ``real_converged`` (the DEQ's fraction at its fixed
+point; ``None`` for RAFT).
+
+Prediction memory on photographs (what ``predict_flow.py max_side=...`` costs)::
+
+    OMP_NUM_THREADS=1 python bench/flow.py --predict-memory   # ~1 min: predict_memory.json
+
+times and measures the peak memory (``bench/_common.peak_memory_mib``: resident set above the
+set-up, in a fresh process) of predicting one pair with the ``--experiment``'s architecture (random
+weights: the cost does not depend on them) through ``predict_flow.solve_within``: the 500x741
+Motorcycle pair as is and at ``max_side=256``, and that pair upscaled 6x (3000x4446, 13
+megapixels) at ``max_side=512``.
 """
 
 from __future__ import annotations
@@ -52,9 +71,12 @@ import platform
 import shutil
 import statistics
 import sys
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from _common import (
     count_params,
     fmt,
@@ -68,27 +90,40 @@ from _common import (
     train_target,
 )
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from readme import real_flow_cell
 
+import deq_lightning
+from deq_lightning.app.inference import FlowEstimator, NotAtEquilibriumWarning
+from deq_lightning.app.predict_flow import check_frame_size, correlation_bytes, solve_within
 from deq_lightning.config import build_model, plain, register_schemas
+from deq_lightning.datamodules.flow_real import MOTORCYCLE_SOURCE, motorcycle_pair
 from deq_lightning.deq import deq_override
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
 MODES = ("deq", "unrolled")
+REAL_SCALES = (0.25, 0.5)  # of the 500x741 Motorcycle pair (--real-scales)
 
 
-def model_config(experiment: str, backward: str) -> tuple[dict, dict, dict]:
+def train_config(experiment: str, backward: str) -> DictConfig:
+    """``train.py experiment=<experiment> backward=<backward>``'s composed config."""
     register_schemas()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
+        return compose(
             "train",
             overrides=[
                 f"experiment={experiment}",
                 f"backward={backward}",
+                "backward.extra_ok=true",  # the experiment's phantom keys, unused by implicit
                 "hydra.runtime.output_dir=/tmp",
             ],
             return_hydra_config=False,
         )
+
+
+def model_config(experiment: str, backward: str) -> tuple[dict, dict, dict]:
+    cfg = train_config(experiment, backward)
     model = {**plain(cfg.model), "n_states": 1}
     return model, plain(cfg.solver), plain(cfg.backward)
 
@@ -229,12 +264,36 @@ def train_side(name: str, overrides: list[str], runs: Path, args: argparse.Names
             k: hist.get(k, [])
             for k in ("val/epe", "val/epe_zero", "val/fwd_converged", "val/fwd_res_p50")
         },
+        "real": real_scores(deq_lightning.load(run_dir), args.real_scales),
     }
     for stage in ("val", "test"):
         epe, zero = row[f"{stage}/epe"], row[f"{stage}/epe_zero"]
         row[f"{stage}/epe_vs_zero"] = epe / zero if epe is not None and zero else None
     print(f"[flow] {name}: test/epe {row['test/epe']}", file=sys.stderr, flush=True)
     return row
+
+
+def real_scores(model: FlowEstimator, scales: Sequence[float]) -> list[dict]:
+    """A trained model on the Motorcycle pair (real photographs) at each of ``scales``."""
+    scores = []
+    for scale in scales:
+        pair = motorcycle_pair(scale)
+        with warnings.catch_warnings():  # its converged fraction is recorded instead
+            warnings.simplefilter("ignore", NotAtEquilibriumWarning)
+            flow = model.predict(pair.image1, pair.image2)
+        epe, zero = pair.epe(flow)
+        scores.append(
+            {
+                "scale": scale,
+                "size": list(pair.valid.shape),
+                "valid_fraction": float(pair.valid.float().mean()),
+                "real_epe": epe,
+                "real_epe_zero": zero,
+                "real_epe_vs_zero": epe / zero,
+                "real_converged": model.converged,
+            }
+        )
+    return scores
 
 
 def _step_series(run_dir: Path, key: str) -> list[tuple[int, float]]:
@@ -303,6 +362,7 @@ def run_sides(args: argparse.Namespace) -> None:
         "load_average_start": load0,
         "load_average_end": os.getloadavg(),
         "same_training_pairs": len(sums) == 1 if sums else None,
+        "real_pair": MOTORCYCLE_SOURCE,
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -326,8 +386,10 @@ def kept_rows(path: Path, rows: list[dict], args: argparse.Namespace) -> list[di
 
 def write_side_report(result: dict, path: Path, png_name: str) -> None:
     rows, ref = result["rows"], result["rows"][0]
+    scales = sorted({e["scale"] for r in rows for e in r.get("real") or []})
     headers = ["model", "test EPE", "/ zero", "val EPE", "/ zero", "1px %", "3px %", "5px %",
-               "params", "converged", "CPU s", "CPU / DEQ", "step peak MiB", "peak RSS MiB"]  # fmt: skip
+               "params", "converged", "CPU s", "CPU / DEQ", "step peak MiB", "peak RSS MiB",
+               *(f"Motorcycle x{s} EPE / zero" for s in scales)]  # fmt: skip
     table = [
         [
             r["name"],
@@ -344,6 +406,7 @@ def write_side_report(result: dict, path: Path, png_name: str) -> None:
             r["cpu_s"] / ref["cpu_s"],
             r["step_peak_mib"],
             r["max_rss_mib"],
+            *(real_flow_cell(r, s) for s in scales),
         ]
         for r in rows
     ]
@@ -367,6 +430,11 @@ def write_side_report(result: dict, path: Path, png_name: str) -> None:
         "validation, test). `step peak`: one training step's peak memory above the memory in use "
         "before it.",
         "",
+        f"Motorcycle: real photographs, {result.get('real_pair', MOTORCYCLE_SOURCE)}, frames "
+        "downscaled by the factor shown; EPE over the pixels with known disparity, `/ zero` over "
+        "the zero flow's on them, `converged`: whether the DEQ's solve on that pair met its "
+        "tolerance (`not measured`: a row from before this evaluation).",
+        "",
         f"![learning curves]({png_name})",
         "",
         *(f"* `{r['name']}`: `train.py {' '.join(r['overrides'])}`" for r in rows),
@@ -375,6 +443,98 @@ def write_side_report(result: dict, path: Path, png_name: str) -> None:
         "",
     ]
     path.write_text("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------
+# --predict-memory: predict_flow.py on photographs, with and without max_side
+# ----------------------------------------------------------------------------------------------
+
+# (name, upscale of the 500x741 Motorcycle pair, max_side)
+PREDICT_CASES = (
+    ("motorcycle", 1, None),
+    ("motorcycle", 1, 256),
+    ("motorcycle x6 (13 MP)", 6, 512),
+)
+
+
+def prepare_predict(experiment: str, upscale: int, max_side: int | None) -> callable:
+    """One ``predict_flow.py`` solve (``solve_within`` at ``max_side``) of the Motorcycle pair
+    upscaled by ``upscale``, with the experiment's model at random weights (the cost does not
+    depend on them), ready to run: model and frames are set-up (for :func:`peak_memory_mib`)."""
+    import hydra
+
+    torch.manual_seed(SEED)
+    task = hydra.utils.instantiate(train_config(experiment, "phantom").task, _recursive_=False)
+    task.build_for(None)
+    task.eval()
+    pair = motorcycle_pair()
+    img1, img2 = (
+        F.interpolate(x[None], scale_factor=upscale, mode="bilinear") if upscale != 1 else x[None]
+        for x in (pair.image1, pair.image2)
+    )
+    size = check_frame_size(img1.shape[-2:], max_side, task.model.corr_levels, torch.device("cpu"))
+
+    @torch.no_grad()
+    def go() -> None:
+        solve_within(task, img1, img2, size)
+
+    return go
+
+
+def predict_memory(args: argparse.Namespace) -> None:
+    """--predict-memory: peak memory and time of predicting a photograph pair per case."""
+    load0 = os.getloadavg()
+    prepares = [
+        functools.partial(prepare_predict, args.experiment, up, side)
+        for _, up, side in PREDICT_CASES
+    ]
+    mem = peak_memory_mib(prepares, torch.device("cpu"), args.threads)
+    levels = train_config(args.experiment, "phantom").model.corr_levels
+    h, w = motorcycle_pair().valid.shape
+    cases = []
+    for (name, up, side), peak, prepare in zip(PREDICT_CASES, mem, prepares):
+        size = (h * up, w * up)
+        solved = check_frame_size(size, side, levels, torch.device("cpu"))
+        go = prepare()
+        go()  # warm-up
+        times, _ = timed(go, torch.device("cpu"), args.repeats, budget_s=args.budget)
+        del go
+        cases.append(
+            {
+                "name": name,
+                "size": list(size),
+                "megapixels": size[0] * size[1] / 1e6,
+                "max_side": side,
+                "solved_size": list(solved),
+                "peak_mib": peak,
+                "frames_mib": 2 * 3 * size[0] * size[1] * 4 / 2**20,  # float32 inputs, set-up
+                "seconds": statistics.median(times),
+                "correlation_mib": correlation_bytes(solved, levels) / 2**20,
+                "correlation_mib_without_max_side": correlation_bytes(size, levels) / 2**20,
+            }
+        )
+        print(f"[flow] {name} max_side={side}: {cases[-1]}", file=sys.stderr, flush=True)
+    cmd = f"OMP_NUM_THREADS={args.threads} python bench/flow.py {' '.join(sys.argv[1:])}".strip()
+    result = {
+        "command": cmd,
+        "commit": git_commit(),
+        "experiment": args.experiment,
+        "weights": "random (memory and time do not depend on them)",
+        "pair": MOTORCYCLE_SOURCE,
+        "measures": "predict_flow.solve_within on one pair after one unmeasured call: peak_mib, "
+        "the peak resident memory above the loaded model and frames (frames_mib, float32) "
+        "(bench/_common.peak_memory_mib, a fresh process); seconds, the median wall time of "
+        "--repeats calls",
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "load_average_start": load0,
+        "load_average_end": os.getloadavg(),
+        "cases": cases,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "predict_memory.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"[flow] wrote {args.out / 'predict_memory.json'}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -400,12 +560,27 @@ def main() -> None:
     ap.add_argument("--val-points", type=int, default=8, help="validations per run (--peer)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a smoke run of a few steps")
+    ap.add_argument(
+        "--real-scales",
+        type=float,
+        nargs="+",
+        default=list(REAL_SCALES),
+        help="Motorcycle pair scales the trained sides are evaluated at (--peer, --ablate)",
+    )
+    ap.add_argument(
+        "--predict-memory",
+        action="store_true",
+        help="predict_flow.py's memory and time on photographs, with and without max_side",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "flow")
     ap.add_argument("--runs", type=Path, default=ROOT / "bench" / "results" / "flow_runs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.ablate == []:
         args.ablate = list(ABLATIONS)
+    if args.predict_memory:
+        predict_memory(args)
+        return
     if args.peer or args.ablate:
         run_sides(args)
         return

@@ -7,6 +7,14 @@ sequence the solver starts from the previous pair's fixed point carried forward 
 (:func:`~deq_lightning.models.deq_flow.forward_interpolate`): the thesis's warm start, which
 needs fewer solver steps when motion is smooth.
 
+Full-size photographs: the all-pairs correlation volume grows with the square of the pixel count
+(``(H/8 * W/8)**2`` float32 values at its finest level: over 140 GB for a 12-megapixel pair), so
+``max_side=N`` downscales frames whose longer side exceeds N (antialiased), solves there, and
+upsamples the flow back to the input size, its vectors multiplied by the size ratio of their axis.
+Without it, a pair whose volume would not fit in the device's available memory is refused with
+the ``max_side`` that fits. Measured memory and time: ``reports/flow/predict_memory.json``
+(``python bench/flow.py --predict-memory``).
+
 ``benchmark=true`` instead writes the submission files of the run's benchmark test sets
 (``data.predict_sets``: Sintel ``.flo`` per pass and scene, KITTI 16-bit PNGs), warm-started
 along Sintel's scenes on one device.
@@ -21,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from torchvision.utils import flow_to_image
@@ -31,10 +40,19 @@ from deq_lightning.app.runs import Run, run_from
 from deq_lightning.callbacks.flow import FlowSubmissionWriter
 from deq_lightning.datamodules.flow_io import write_flo
 from deq_lightning.deq import DEQStats
+from deq_lightning.models.contract import ModelOutput
 from deq_lightning.models.deq_flow import forward_interpolate
 from deq_lightning.tasks.flow import FlowTask
 
-PREDICT_OWN_KEYS = {"input", "output_dir", "warm_start", "device", "max_frames", "benchmark"}
+PREDICT_OWN_KEYS = {
+    "input",
+    "output_dir",
+    "warm_start",
+    "device",
+    "max_frames",
+    "benchmark",
+    "max_side",
+}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -51,6 +69,7 @@ class PairResult:
     best_step: float | None = None  # the iteration the returned (lowest-residual) iterate is from
     converged: bool | None = None  # the solve met its tolerance within its budget
     max_iter: int | None = None  # the solver's budget
+    solved_size: list[int] | None = None  # (H, W) the model ran at (smaller with max_side)
 
 
 def solver_summary(results: Sequence[PairResult]) -> str:
@@ -156,6 +175,96 @@ def to_batch(frame: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(frame).permute(2, 0, 1)[None].float().to(device)
 
 
+# ------------------------------------------------------------------------------ full-size frames
+
+
+def fit_size(size: Sequence[int], max_side: int | None) -> tuple[int, int]:
+    """The ``(H, W)`` the model runs at: ``size`` downscaled so that its longer side is at most
+    ``max_side`` (``None``: as is)."""
+    h, w = int(size[0]), int(size[1])
+    if max_side is None or max(h, w) <= max_side:
+        return h, w
+    scale = max_side / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def correlation_bytes(size: Sequence[int], corr_levels: int) -> int:
+    """Bytes of the all-pairs correlation pyramid of a pair of ``size`` (float32, every pixel at
+    1/8 of the padded size against every pixel of each pooled level): what grows as the square
+    of the pixel count and what a full-size photograph runs out of memory on."""
+    h8, w8 = -(-int(size[0]) // 8), -(-int(size[1]) // 8)
+    return 4 * h8 * w8 * sum((h8 >> level) * (w8 >> level) for level in range(corr_levels))
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` (CPU: Linux's MemAvailable; ``None`` where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            line = next(line for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024
+
+
+def check_frame_size(
+    size: Sequence[int], max_side: int | None, corr_levels: int, device: torch.device
+) -> tuple[int, int]:
+    """The size the model runs at, after checking it: large enough for the model's correlation
+    levels and small enough for its correlation volume to fit ``device``'s free memory; the
+    errors name the ``max_side`` that works."""
+    h, w = int(size[0]), int(size[1])
+    run = fit_size((h, w), max_side)
+    need_side = 8 * 2**corr_levels  # the coarsest correlation level keeps 2 pixels
+    least = -(-need_side * max(h, w) // min(h, w))
+    if run != (h, w) and min(run) < need_side:
+        raise ValueError(
+            f"max_side={max_side} shrinks {h}x{w} frames to {run[0]}x{run[1]}, below the "
+            f"{need_side} px per side the model's {corr_levels} correlation levels need; set "
+            f"max_side >= {least}"
+        )
+    need, free = correlation_bytes(run, corr_levels), available_bytes(device)
+    if free is not None and need > free:
+        side = int(max(run) * (free / 2 / need) ** 0.25) // 8 * 8  # half the free memory
+        fix = (
+            f"set max_side={side} (frames downscaled before the model, flow upsampled back; "
+            "conf/predict_flow.yaml)"
+            if side >= least
+            else f"no max_side >= {least} (the model's smallest input) fits: free memory or "
+            "use another device"
+        )
+        raise MemoryError(
+            f"{h}x{w} frames{f' (max_side={max_side}: {run[0]}x{run[1]})' if max_side else ''}: "
+            f"the model's all-pairs correlation volume would take {need / 2**30:.1f} GiB, more "
+            f"than the {free / 2**30:.1f} GiB free on {device}; {fix}"
+        )
+    return run
+
+
+def solve_within(
+    task: FlowTask,
+    img1: torch.Tensor,
+    img2: torch.Tensor,
+    run_size: Sequence[int],
+    flow_init: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ModelOutput]:
+    """The flow ``(B, 2, H, W)`` at the frames' own size, solved at ``run_size``
+    (:func:`check_frame_size`), and the model's output there (its ``flow_low``: the next pair's
+    warm start). Downscaling is antialiased; the flow is upsampled bilinearly and each component
+    multiplied by its axis's size ratio."""
+    size = tuple(img1.shape[-2:])
+    run_size = tuple(int(s) for s in run_size)
+    if run_size == size:
+        out = task.solve(img1, img2, flow_init)
+        return out.output["flow"], out
+    small = [F.interpolate(x, size=run_size, mode="bilinear", antialias=True) for x in (img1, img2)]
+    out = task.solve(*small, flow_init)
+    flow = F.interpolate(out.output["flow"].float(), size=size, mode="bilinear")
+    ratio = torch.tensor([size[1] / run_size[1], size[0] / run_size[0]], device=flow.device)
+    return flow * ratio.view(1, 2, 1, 1), out
+
+
 # ------------------------------------------------------------------------------ prediction
 
 
@@ -189,6 +298,9 @@ def predict_flow(cfg: DictConfig) -> list[PairResult] | list[Path]:
             "predict_flow.py needs input=<folder of frames> | input=<video> | "
             "input=[first.png,second.png]"
         )
+    max_side = cfg.get("max_side")
+    if max_side is not None and (type(max_side) is not int or max_side < 1):
+        raise ValueError(f"max_side={max_side!r}: give a positive number of pixels, or null")
     source = cfg.input
     source = list(source) if isinstance(source, ListConfig | list | tuple) else str(source)
     names, frames = frame_source(source)
@@ -199,7 +311,8 @@ def predict_flow(cfg: DictConfig) -> list[PairResult] | list[Path]:
     (out_dir / "color").mkdir(parents=True, exist_ok=True)
     warm, max_frames = bool(cfg.get("warm_start", True)), cfg.get("max_frames")
     results: list[PairResult] = []
-    prev, prev_low = None, None
+    prev, prev_low, run_size = None, None, None
+    corr_levels = task.model.corr_levels
     for i, frame in enumerate(frames):
         if max_frames is not None and i >= int(max_frames):
             break
@@ -209,10 +322,13 @@ def predict_flow(cfg: DictConfig) -> list[PairResult] | list[Path]:
                 "all frames of a sequence must have one size"
             )
         if prev is not None:
+            if run_size is None:
+                run_size = check_frame_size(frame.shape[:2], max_side, corr_levels, device)
             init = forward_interpolate(prev_low) if warm and prev_low is not None else None
-            out, stats = task.solve(to_batch(prev, device), to_batch(frame, device), init)
+            img1, img2 = to_batch(prev, device), to_batch(frame, device)
+            flow, (out, stats) = solve_within(task, img1, img2, run_size, init)
             name = names[i - 1] if names is not None else f"frame_{i - 1:06d}"
-            results.append(write_pair(out_dir, name, out["flow"][0], stats, init is not None))
+            results.append(write_pair(out_dir, name, flow[0], stats, init is not None, run_size))
             prev_low = out["flow_low"]
         prev = frame
     if not results:
@@ -225,7 +341,12 @@ def predict_flow(cfg: DictConfig) -> list[PairResult] | list[Path]:
 
 
 def write_pair(
-    out_dir: Path, name: str, flow: torch.Tensor, stats: DEQStats | None, warm: bool
+    out_dir: Path,
+    name: str,
+    flow: torch.Tensor,
+    stats: DEQStats | None,
+    warm: bool,
+    solved_size: Sequence[int],
 ) -> PairResult:
     """Write one pair's ``.flo`` and colour PNG; what its solve did."""
     flo, color = out_dir / "flo" / f"{name}.flo", out_dir / "color" / f"{name}.png"
@@ -243,4 +364,5 @@ def write_pair(
         best_step=float(stats.forward.nstep.float().mean()) if stats else None,
         converged=bool(stats.forward.converged.all()) if stats else None,
         max_iter=int(stats.forward.max_iter) if stats else None,
+        solved_size=list(solved_size),
     )

@@ -109,6 +109,38 @@ def test_predict_flow_reads_videos_and_explains_what_it_cannot_decode(flow_run, 
         predict(flow_run, tmp_path / "one", str(paths[0]))
 
 
+def test_predict_flow_max_side_solves_smaller_and_writes_full_size_flow(flow_run, tmp_path):
+    a, b = frames(tmp_path / "big", 2, size=(96, 160))
+    (result,) = predict(flow_run, tmp_path / "small", f"[{a},{b}]", "max_side=128")
+    assert result.solved_size == [77, 128]  # 96x160 scaled by 128/160
+    flow = read_flo(result.flo)
+    assert flow.shape == (96, 160, 2) and np.isfinite(flow).all()
+    assert np.asarray(Image.open(result.color)).shape == (96, 160, 3)
+    (as_is,) = predict(flow_run, tmp_path / "as_is", f"[{a},{b}]", "max_side=160")
+    assert as_is.solved_size == [96, 160]
+    # flow_tiny's 3 correlation levels need 64 px per side: 96x160 may not shrink below 107.
+    with pytest.raises(ValueError, match=r"max_side=64 shrinks 96x160 .* set max_side >= 107"):
+        predict(flow_run, tmp_path / "tiny", f"[{a},{b}]", "max_side=64")
+    with pytest.raises(ValueError, match="max_side='big': give a positive number"):
+        predict(flow_run, tmp_path / "bad", f"[{a},{b}]", "max_side=big")
+
+
+def test_predict_flow_refuses_a_pair_whose_correlation_volume_cannot_fit(
+    flow_run, tmp_path, monkeypatch
+):
+    import deq_lightning.app.predict_flow as predict_flow_module
+
+    a, b = frames(tmp_path / "big", 2, size=(96, 160))
+    # 96x160 needs 12*20 * (240 + 60 + 15) float32s (302 KB) of correlation; say 200 KB are free:
+    # a longer side of 120 px needs 91 KB, within half of them.
+    monkeypatch.setattr(predict_flow_module, "available_bytes", lambda device: 200_000)
+    with pytest.raises(MemoryError, match=r"0\.0 GiB free on cpu; set max_side=120 "):
+        predict(flow_run, tmp_path / "a", f"[{a},{b}]", "device=cpu")
+    monkeypatch.setattr(predict_flow_module, "available_bytes", lambda device: 20_000)
+    with pytest.raises(MemoryError, match=r"no max_side >= 107 \(the model's smallest input\)"):
+        predict(flow_run, tmp_path / "b", f"[{a},{b}]", "device=cpu")
+
+
 def test_predict_flow_writes_benchmark_submissions(flow_run, tmp_path):
     from ..helpers.datasets import write_flow_datasets
 

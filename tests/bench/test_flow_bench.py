@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers.app import ROOT
 
@@ -27,6 +28,59 @@ def test_peer_takes_the_deq_levels_and_budgets_from_the_experiment(flow_bench):
     assert int(overrides["model.corr_levels"]) == model["corr_levels"]
     assert int(overrides["model.num_iters"]) == solver["max_iter"]
     assert int(overrides["model.eval_iters"]) == solver["eval_opts"]["max_iter"]
+
+
+class _Model:
+    """A stand-in for deq_lightning.load's FlowEstimator: answers ``answer(pair)``."""
+
+    def __init__(self, answer, converged):
+        self.answer, self.converged = answer, converged
+
+    def predict(self, frame1, frame2):
+        return self.answer(frame1.shape[-2:])
+
+
+def test_real_scores_rate_the_motorcycle_pair_against_zero_flow(flow_bench):
+    from deq_lightning.datamodules.flow_real import motorcycle_pair
+
+    truth = {
+        tuple(motorcycle_pair(s).flow.shape[-2:]): motorcycle_pair(s).flow for s in (0.25, 0.5)
+    }
+    perfect = flow_bench.real_scores(_Model(lambda size: truth[tuple(size)], 0.5), [0.25, 0.5])
+    assert [e["scale"] for e in perfect] == [0.25, 0.5]
+    assert [e["size"] for e in perfect] == [[125, 185], [250, 370]]
+    for e in perfect:
+        assert e["real_epe"] == 0 and e["real_epe_vs_zero"] == 0 and e["real_converged"] == 0.5
+    # Zero flow scores 1x; the mean motion halves with the scale (8.9 px at 0.25).
+    (zero,) = flow_bench.real_scores(_Model(lambda size: torch.zeros(2, *size), None), [0.5])
+    assert (
+        zero["real_epe"] == pytest.approx(zero["real_epe_zero"]) and zero["real_epe_vs_zero"] == 1
+    )
+    assert zero["real_epe_zero"] == pytest.approx(2 * perfect[0]["real_epe_zero"], rel=0.05)
+    assert zero["real_converged"] is None
+
+
+def test_the_readme_flow_block_shows_the_real_pair_or_says_not_measured(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_readme_flow", ROOT / "bench" / "readme.py")
+    readme = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, readme)  # its dataclass looks its module up
+    spec.loader.exec_module(readme)
+    row = {"name": "deq_flow", "overrides": ["experiment=flow_tiny"], "test/epe_vs_zero": 0.7,
+           "val/epe_vs_zero": 0.6, "params": 10, "cpu_s": 5.0, "step_peak_mib": 2.0,
+           "converged_fraction": 0.0}  # fmt: skip
+    doc = {"command": "python bench/flow.py --peer raft_small", "threads": 1, "train_steps": 4,
+           "load_average_start": [1.0] * 3, "load_average_end": [2.0] * 3,
+           "same_training_pairs": True, "rows": [row, {**row, "name": "raft_small"}]}  # fmt: skip
+    old = "\n".join(readme.render_flow_peer(doc))
+    assert "not measured, this JSON predates that evaluation" in old
+    real = {"scale": 0.25, "size": [125, 185], "real_epe": 4.5, "real_epe_zero": 9.0,
+            "real_epe_vs_zero": 0.5, "real_converged": 0.0}  # fmt: skip
+    doc["rows"][0] = {**row, "real": [real]}
+    new = "\n".join(readme.render_flow_peer(doc))
+    assert "Motorcycle x0.25 (125x185): EPE / zero" in new
+    assert "| 4.50 / 9.00 px = 0.500x, 0% converged |" in new
+    assert "| not measured |" in new  # raft_small's row predates the evaluation
+    assert "Middlebury 2014 stereo pair" in new
 
 
 @pytest.mark.slow
@@ -52,7 +106,15 @@ def test_peer_quick_trains_both_sides_on_the_same_pairs_and_reports(tmp_path, ru
     assert deq["val/epe_zero"] == pytest.approx(raft["val/epe_zero"])
     assert 0.0 <= deq["converged_fraction"] <= 1.0 and raft["converged_fraction"] is None
     assert raft["params"] != deq["params"]
+    # Both trained models on the real photographs, on the same pixels.
+    for d, r in zip(deq["real"], raft["real"]):
+        assert d["scale"] == r["scale"] and d["real_epe_zero"] == r["real_epe_zero"] > 0
+        assert d["real_epe"] > 0 and 0 <= d["real_converged"] <= 1 and r["real_converged"] is None
+        assert r["real_epe_vs_zero"] == pytest.approx(r["real_epe"] / r["real_epe_zero"])
+    assert [e["scale"] for e in deq["real"]] == [0.25, 0.5]
+    assert "Motorcycle" in result["real_pair"]
     assert len(result["load_average_start"]) == 3 and result["threads"] == 1
     report = (out / "report.md").read_text()
     assert "| deq_flow" in report and "| raft_small" in report
+    assert "Motorcycle x0.25 EPE / zero" in report and " px = " in report
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
