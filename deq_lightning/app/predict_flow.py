@@ -8,7 +8,8 @@ sequence the solver starts from the previous pair's fixed point carried forward 
 needs fewer solver steps when motion is smooth.
 
 Full-size photographs: the all-pairs correlation volume grows with the square of the pixel count
-(``(H/8 * W/8)**2`` float32 values at its finest level: over 140 GB for a 12-megapixel pair), so
+(``(H/8 * W/8)**2`` float32 values at its finest level: about 212 GiB for a 13-megapixel pair, per
+reports/flow/predict_memory.json), so
 ``max_side=N`` downscales frames whose longer side exceeds N (antialiased), solves there, and
 upsamples the flow back to the input size, its vectors multiplied by the size ratio of their axis.
 Without it, a pair whose volume would not fit in the device's available memory is refused with
