@@ -20,7 +20,8 @@ import inspect
 import re
 import types
 import typing
-from typing import Any, Optional
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Optional
 
 import hydra
 import pytorch_lightning as pl
@@ -161,7 +162,7 @@ def register_schemas() -> None:
 # ------------------------------------------------------------------------------ config -> DEQ
 
 
-def _extra_ok(node: dict, where: str) -> bool:
+def _extra_ok(node: Mapping, where: str) -> bool:
     """The node's ``extra_ok``. A node without the key was written before the schemas had it
     (saved runs and checkpoints), when every node held every solver's defaults: its keys of
     other solvers are ignored, as they were then."""
@@ -171,31 +172,59 @@ def _extra_ok(node: dict, where: str) -> bool:
     return value
 
 
-def _pick(
-    node: dict, takes: dict, where: str, owner: tuple[str, str], extra_ok: bool, skip=()
-) -> dict:
-    """The set (non-null) values of ``node`` that ``owner`` takes; a set key it does not take
-    raises unless ``extra_ok``. ``where`` is the node's config path (``solver.eval_opts``),
-    ``owner`` the choice's key and value (``("backward.solver", "broyden")``)."""
-    picked, foreign = {}, []
-    for key, value in node.items():
-        if key in skip or value is None:
-            continue
-        if key in takes:
-            picked[key] = value
-        elif not extra_ok:
-            foreign.append(key)
-    if foreign:
-        top = where.split(".")[0]
-        others = "solvers" if owner[0].endswith("solver") else "backward modes"
-        shown = ", ".join(f"{where}.{k}={node[k]}" for k in foreign)
+class _Node(NamedTuple):
+    """One node of solver/backward options: its config path, its values, the options its owner
+    (the chosen solver or mode, as ``(key, value)``) takes, and its keys that are no options."""
+
+    where: str
+    values: Mapping
+    takes: Mapping
+    owner: tuple[str, str]
+    meta: tuple[str, ...] = ()
+
+    def set_keys(self) -> list[str]:
+        return [k for k, v in self.values.items() if k not in self.meta and v is not None]
+
+
+def _option_nodes(solver: Mapping, backward: Mapping) -> list[_Node]:
+    """``solver``, ``solver.eval_opts``, ``backward`` and ``backward.solver_opts`` (the options
+    of the inner solver of a mode that has one, such as ``implicit``)."""
+    name, mode = solver["name"], get_backward(backward["name"])
+    takes, own = solver_options(name), ("solver", name)
+    inner = (
+        (backward.get("solver") or mode.defaults["solver"]) if "solver" in mode.options else None
+    )
+    inner_owner = ("backward.solver", inner) if inner else ("backward", mode.name)
+    return [
+        _Node("solver", solver, takes, own, _SOLVER_META),
+        _Node("solver.eval_opts", solver.get("eval_opts") or {}, takes, own),
+        _Node("backward", backward, mode.options, ("backward", mode.name), _BACKWARD_META),
+        _Node(
+            "backward.solver_opts",
+            backward.get("solver_opts") or {},
+            solver_options(inner) if inner else {},
+            inner_owner,
+        ),
+    ]
+
+
+def _pick(node: _Node, extra_ok: bool) -> dict:
+    """The set values of ``node`` that its owner takes; a set key it does not take raises
+    unless ``extra_ok``."""
+    keys = node.set_keys()
+    foreign = [k for k in keys if k not in node.takes]
+    if foreign and not extra_ok:
+        top = node.where.split(".")[0]
+        others = "solvers" if top == "solver" else "backward modes"
+        shown = ", ".join(f"{node.where}.{k}={node.values[k]}" for k in foreign)
         one = len(foreign) == 1
         raise ValueError(
-            f"{shown} {'is not an option' if one else 'are not options'} of {'='.join(owner)} (its "
-            f"options: {', '.join(takes) or 'none'}); remove {'it' if one else 'them'}, or set "
-            f"{top}.extra_ok=true to ignore keys of other {others}"
+            f"{shown} {'is not an option' if one else 'are not options'} of "
+            f"{'='.join(node.owner)} (its options: {', '.join(node.takes) or 'none'}); remove "
+            f"{'it' if one else 'them'}, or set {top}.extra_ok=true to ignore keys of other "
+            f"{others}"
         )
-    return picked
+    return {k: node.values[k] for k in keys if k in node.takes}
 
 
 def deq_kwargs(solver: dict, backward: dict) -> dict:
@@ -206,32 +235,15 @@ def deq_kwargs(solver: dict, backward: dict) -> dict:
     one takes, unless the node has ``extra_ok: true``. A mode with an inner solver (``implicit``)
     also takes that solver's own options from ``backward.solver_opts``.
     """
-    name, mode = solver["name"], get_backward(backward["name"])
-    takes = solver_options(name)
-    ok = _extra_ok(solver, "solver")
-    solver_opts = _pick(solver, takes, "solver", ("solver", name), ok, _SOLVER_META)
-    eval_opts = solver.get("eval_opts") or {}
-    eval_opts = _pick(eval_opts, takes, "solver.eval_opts", ("solver", name), ok)
-    ok = _extra_ok(backward, "backward")
-    owner = ("backward", mode.name)
-    backward_opts = _pick(backward, mode.options, "backward", owner, ok, _BACKWARD_META)
-    inner_opts = backward.get("solver_opts") or {}
-    if "solver" in mode.options:
-        inner = backward_opts.get("solver", mode.defaults["solver"])
-        owner = ("backward.solver", inner)
-        inner_takes = solver_options(inner)
-        backward_opts.update(_pick(inner_opts, inner_takes, "backward.solver_opts", owner, ok))
-    elif inner_opts and not ok:
-        raise ValueError(
-            f"backward.solver_opts={inner_opts} is for a backward mode with its own solver "
-            f"(implicit), not backward={mode.name}; remove it, or set backward.extra_ok=true"
-        )
+    ok = {"solver": _extra_ok(solver, "solver"), "backward": _extra_ok(backward, "backward")}
+    picked = [_pick(n, ok[n.where.split(".")[0]]) for n in _option_nodes(solver, backward)]
+    solver_opts, eval_opts, backward_opts, inner_opts = picked
     return {
-        "solver": name,
+        "solver": solver["name"],
         "solver_opts": solver_opts,
         "eval_solver_opts": eval_opts,
-        "backward": mode.name,
-        "backward_opts": backward_opts,
+        "backward": backward["name"],
+        "backward_opts": {**backward_opts, **inner_opts},
     }
 
 
@@ -252,34 +264,17 @@ def drop_unused_keys(cfg: DictConfig, typed: set[str]) -> list[str]:
     solver, backward = cfg.get("solver"), cfg.get("backward")
     if solver is None or backward is None:
         return []
-    takes = solver_options(solver.name)
-    mode = get_backward(backward.name)
-    inner = backward.get("solver") if "solver" in mode.options else None
-    nodes = [
-        ("solver", solver, takes, _SOLVER_META, solver.get("extra_ok", True)),
-        ("solver.eval_opts", solver.get("eval_opts"), takes, (), solver.get("extra_ok", True)),
-        ("backward", backward, mode.options, _BACKWARD_META, backward.get("extra_ok", True)),
-        (
-            "backward.solver_opts",
-            backward.get("solver_opts"),
-            solver_options(inner or mode.defaults.get("solver", ""))
-            if "solver" in mode.options
-            else {},
-            (),
-            backward.get("extra_ok", True),
-        ),
-    ]
+    tops = {"solver": solver, "backward": backward}
     dropped = []
-    for where, node, node_takes, skip, extra_ok in nodes:
-        if node is None or extra_ok is True:
+    for node in _option_nodes(solver, backward):
+        if tops[node.where.split(".")[0]].get("extra_ok", True) is True:
             continue
-        for key in list(node.keys()):
-            path = f"{where}.{key}"
-            if key in skip or key in node_takes or node[key] is None or _typed(path, typed):
-                continue
-            with open_dict(node):
-                node[key] = None
-            dropped.append(path)
+        for key in node.set_keys():
+            path = f"{node.where}.{key}"
+            if key not in node.takes and not _typed(path, typed):
+                with open_dict(node.values):
+                    node.values[key] = None
+                dropped.append(path)
     return dropped
 
 
