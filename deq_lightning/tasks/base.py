@@ -449,18 +449,9 @@ class DEQTask(pl.LightningModule):
 
 
 def model_output(out: Any) -> ModelOutput:
-    """A model's return value as :class:`ModelOutput`. Anything else is the output with no
-    stats, except a plain ``(output, DEQStats | None)`` pair, kept while models move to the
-    contract."""
-    if isinstance(out, ModelOutput):
-        return out
-    if (
-        isinstance(out, tuple)
-        and len(out) == 2
-        and (out[1] is None or isinstance(out[1], DEQStats))
-    ):
-        return ModelOutput(*out)
-    return ModelOutput(out)
+    """A model's return value as :class:`ModelOutput` (the contract of
+    :mod:`deq_lightning.models`); anything else is an output without stats."""
+    return out if isinstance(out, ModelOutput) else ModelOutput(out)
 
 
 def compile_equilibrium_cells(model: nn.Module) -> list[nn.Module]:

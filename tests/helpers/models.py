@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from deq_lightning.deq import DEQ, DEQStats
+from deq_lightning.deq import DEQ
+from deq_lightning.models.contract import ModelOutput
 
 
 class LinearDEQClassifier(nn.Module):
@@ -24,7 +25,7 @@ class LinearDEQClassifier(nn.Module):
         self.head = nn.Linear(width, num_classes)
         self.deq = DEQ(**(deq or {}))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, DEQStats]:
+    def forward(self, x: Tensor) -> ModelOutput:
         u = self.inject(x.flatten(1))
         z, stats = self.deq(lambda z: z @ self.transition.T + u, torch.zeros_like(u))
-        return self.head(z), stats
+        return ModelOutput(self.head(z), stats)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from deq_lightning.deq import DEQ, DEQStats
+from deq_lightning.deq import DEQ
+from deq_lightning.models.contract import ModelOutput
 from deq_lightning.tasks.base import compile_equilibrium_cells
 
 
@@ -34,14 +35,14 @@ class TinyDEQ(nn.Module):
         opts = {"max_iter": 40, "tol": 1e-6, "compact": "on"}
         self.deq = DEQ(solver="anderson", solver_opts=opts, backward="implicit")
 
-    def forward(self, x: Tensor) -> tuple[Tensor, DEQStats]:
+    def forward(self, x: Tensor) -> ModelOutput:
         u = self.inject(x)
 
         def f(z: Tensor, index: Tensor | None = None) -> Tensor:
             return self.cell(z, u if index is None else u[index])
 
         z, stats = self.deq(f, torch.zeros_like(u))
-        return self.head(z), stats
+        return ModelOutput(self.head(z), stats)
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from deq_lightning.callbacks.flow import flow_pair_to_images
 from deq_lightning.metrics import FlowMetric
+from deq_lightning.models.contract import ModelOutput
 from deq_lightning.tasks.base import build_scheduler
 from deq_lightning.tasks.flow import FlowTask
 
@@ -72,7 +73,7 @@ def sparse_set() -> list[dict]:
 class PredictionInImage(FlowTask):
     def run_model(self, image1, image2, **kwargs):
         flow = image1[:, :2]
-        return {"flow": flow, "flow_preds": [flow]}, None
+        return ModelOutput({"flow": flow, "flow_preds": [flow]})
 
 
 def test_benchmark_metrics_by_hand(tmp_path):
