@@ -70,7 +70,7 @@ def load_run(path: str | Path, ckpt: str | Path | None = None) -> Run:
         run_dir, ckpt = path.resolve().parent.parent, Path(ckpt or path)
     elif path.is_dir():
         run_dir = path
-        ckpt = Path(ckpt) if ckpt else best_checkpoint(path)
+        ckpt = Path(ckpt) if ckpt else saved_best_checkpoint(path)
     else:
         raise FileNotFoundError(
             f"{path} does not exist: expected a train.py run directory or a .ckpt file"
@@ -79,7 +79,7 @@ def load_run(path: str | Path, ckpt: str | Path | None = None) -> Run:
     return Run(run_dir, ckpt, OmegaConf.load(saved) if saved.is_file() else None)
 
 
-def best_checkpoint(run_dir: Path) -> Path:
+def saved_best_checkpoint(run_dir: Path) -> Path:
     """The best checkpoint the training run tested (recorded in ``last.ckpt``'s callback
     state), else ``last.ckpt``; an error naming what a run directory holds when it has none."""
     last = run_dir / "checkpoints" / LAST
@@ -126,6 +126,5 @@ def merge_overrides(
     with open_dict(saved):
         saved.paths = composed.paths
         saved.task_name = composed.task_name
-        if "callbacks" not in {o.split("=", 1)[0] for o in hc.overrides.task}:
-            saved.callbacks = composed.callbacks
+        saved.callbacks = composed.callbacks  # the command's own (e.g. no checkpointing)
     return saved
