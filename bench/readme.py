@@ -588,12 +588,6 @@ BLOCKS: dict[str, Block] = {
         render_trellisnet,
     ),
 }
-# Blocks whose JSON the benchmark does not write yet: the command that will, shown instead.
-PENDING = {
-    "solvers": "OMP_NUM_THREADS=1 python bench/solvers.py --problems conv attn"
-    " --out reports/solvers.json"
-}
-
 
 # ---------------------------------------------------------------------------------- staleness
 
@@ -654,11 +648,6 @@ def render(name: str, dated: bool) -> list[str]:
     block = BLOCKS[name]
     paths = [ROOT / s for s in block.sources]
     missing = [p for p in paths if not p.is_file()]
-    if missing and name in PENDING:
-        return [
-            f"Not yet regenerated: run `{PENDING[name]}` (it writes `{block.sources[0]}`);"
-            " until then this table has no committed figures."
-        ]
     if missing:
         raise FileNotFoundError(
             f"{missing[0].relative_to(ROOT)}: the README block {name!r} renders from it; run the"
