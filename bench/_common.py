@@ -339,8 +339,10 @@ def step_peak_mib(run_dir: Path, threads: int) -> float | None:
     return peak_memory_mib([prepare], torch.device("cpu"), threads)[0]
 
 
-def train_target(experiment: str, threads: int) -> dict:
-    """``train.py experiment=<experiment>`` in a fresh process: wall time and final metrics."""
+def train_target(experiment: str, threads: int, overrides: Sequence[str] = ()) -> dict:
+    """``train.py experiment=<experiment> [overrides]`` in a fresh process: wall and CPU time,
+    peak RSS and final metrics."""
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_train([f"experiment={experiment}"], Path(tmp) / "run", threads)
-    return {"wall_s": res["wall_s"], **res["metrics"]}
+        res = run_train([f"experiment={experiment}", *overrides], Path(tmp) / "run", threads)
+    costs = {k: res[k] for k in ("wall_s", "cpu_s", "max_rss_mib")}
+    return {**costs, **res["metrics"]}

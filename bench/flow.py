@@ -184,6 +184,12 @@ ABLATIONS: dict[str, list[str]] = {
     "zero_init": ["model.hidden_init=zero"],  # the thesis's start (flow_tiny's before the fix)
     "context_init": ["model.hidden_init=context"],
     "jacobian": ["task.jac_loss_weight=0.5", "task.jac_loss_freq=0.5"],
+    # The Jacobian term sees the flow's dependence on itself only with all_grad.
+    "all_grad+jacobian": [
+        "model.all_grad=true",
+        "task.jac_loss_weight=0.5",
+        "task.jac_loss_freq=0.5",
+    ],
     "hidden_96": ["model.hidden_dim=96"],
     "budget_24": ["solver.max_iter=24"],
     "damped_0.5": ["solver.damping=0.5"],
@@ -192,6 +198,12 @@ ABLATIONS: dict[str, list[str]] = {
         "task.jac_loss_weight=0.5",
         "task.jac_loss_freq=0.5",
     ],
+    # The residual term (docs/equilibrium.md): off, or at a weight from the start of the run.
+    "no_residual": ["task.residual_loss_weight=0"],
+    "residual_0.1": ["task.residual_loss_weight=0.1", "task.residual_loss_start=0"],
+    "residual_0.6": ["task.residual_loss_weight=0.6", "task.residual_loss_start=0"],
+    "residual_1": ["task.residual_loss_weight=1", "task.residual_loss_start=0"],
+    "residual_1_late": ["task.residual_loss_weight=1", "task.residual_loss_start=0.5"],
 }
 # --quick: the whole pipeline on a few batches (a smoke test, not a measurement).
 QUICK = [
@@ -572,6 +584,12 @@ def main() -> None:
         action="store_true",
         help="predict_flow.py's memory and time on photographs, with and without max_side",
     )
+    ap.add_argument(
+        "--default",
+        action="store_true",
+        help="train --experiment at its full defaults (--threads 2 for the README's target); "
+        "writes default.json under --out",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "flow")
     ap.add_argument("--runs", type=Path, default=ROOT / "bench" / "results" / "flow_runs")
     args = ap.parse_args()
@@ -580,6 +598,9 @@ def main() -> None:
         args.ablate = list(ABLATIONS)
     if args.predict_memory:
         predict_memory(args)
+        return
+    if args.default:
+        train_default(args)
         return
     if args.peer or args.ablate:
         run_sides(args)
@@ -642,6 +663,30 @@ def main() -> None:
             f"test/epe {r['test/epe']:.3f} against the zero flow's {r['test/epe_zero']:.3f} "
             f"(ratio {r['test/epe'] / r['test/epe_zero']:.2f}), val/epe {r['val/epe']:.3f}."
         )
+
+
+def train_default(args: argparse.Namespace) -> None:
+    """--default: ``train.py experiment=<experiment>`` with no other override, as a user runs it
+    (the README's "<= 0.5x the zero flow's EPE in <= 10 minutes on 2 cores" target)."""
+    load0 = os.getloadavg()
+    r = train_target(args.experiment, args.threads, QUICK if args.quick else ())
+    keys = ("epe", "epe_zero", "1px", "3px", "5px", "fwd_converged", "fwd_res_p50", "fwd_steps")
+    result = {
+        "command": f"python bench/flow.py {' '.join(sys.argv[1:])}".strip(),
+        "run": f"OMP_NUM_THREADS={args.threads} python train.py experiment={args.experiment}",
+        "commit": git_commit(),
+        "quick": args.quick,
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "load_average_start": load0,
+        "load_average_end": os.getloadavg(),
+        **{k: r[k] for k in ("wall_s", "cpu_s", "max_rss_mib")},
+        **{f"{s}/{k}": r.get(f"{s}/{k}") for s in ("val", "test") for k in keys},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "default.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

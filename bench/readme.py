@@ -73,7 +73,7 @@ def load_range(values: Sequence[float]) -> str:
 # ---------------------------------------------------------------------------------- renderers
 
 
-def render_defaults(eq: list, repro: dict, flow: dict, trellis: dict) -> list[str]:
+def render_defaults(eq: list, repro: dict, trellis: dict, flow_default: dict) -> list[str]:
     """The embedded experiments, each from the committed run nearest to its defaults."""
     rows = []
     for family in ("digits", "seg"):
@@ -99,15 +99,16 @@ def render_defaults(eq: list, repro: dict, flow: dict, trellis: dict) -> list[st
             f"`reports/reproduction/results.json` ({code(repro_command(repro, 'jr'))})",
         ],
     )
-    deq_flow = flow["rows"][0]
+    fd = flow_default
     rows.append(
         [
             code("python train.py experiment=flow_tiny"),
-            "not measured at its defaults by a committed command; at"
-            f" {flow['train_steps']} steps{extra(deq_flow['overrides'], ['experiment=flow_tiny'])}:"
-            f" test EPE {deq_flow['test/epe_vs_zero']:.3f}x that of zero flow",
-            f"{deq_flow['cpu_s']:.0f} CPU-s, {flow['threads']} thread",
-            f"`reports/flow/results.json` ({code(flow['command'])})",
+            f"test/epe {fd['test/epe']:.2f} px, {fd['test/epe'] / fd['test/epe_zero']:.3f}x the"
+            f" zero flow's {fd['test/epe_zero']:.2f} (val {fd['val/epe'] / fd['val/epe_zero']:.3f}x);"
+            f" {pct(fd['test/fwd_converged'])} of test samples at their fixed point (rel. 1e-3)",
+            f"{fd['wall_s'] / 60:.1f} min wall, {fd['cpu_s'] / 60:.1f} CPU-min,"
+            f" {fd['threads']} threads, load {fd['load_average_start'][0]:.1f}",
+            f"`reports/flow/default.json` ({code('OMP_NUM_THREADS=2 ' + fd['command'])})",
         ]
     )
     source = f"`reports/trellisnet/results.json` ({code(trellis_command(trellis, 'train'))})"
@@ -544,8 +545,8 @@ BLOCKS: dict[str, Block] = {
         (
             "reports/equilibrium/results.json",
             "reports/reproduction/results.json",
-            "reports/flow/results.json",
             "reports/trellisnet/results.json",
+            "reports/flow/default.json",
         ),
         TRAINING_CODE,
         render_defaults,

@@ -302,6 +302,8 @@ class DEQSchedule:
     jac_increment: float = 0.1  # the thesis adds 0.1
     jac_stop_epoch: int | None = None  # no Jacobian term from this epoch on [JAC_STOP_EPOCH]
     pretrain_jac_loss_weight: float = 0.0  # Jacobian term during pre-training [PRETRAIN_JAC_...]
+    residual_loss_weight: float = 0.0  # weight of the residual term at z* (ours, not thesis)
+    residual_loss_start: float = 0.0  # the term from this step on (steps, or a fraction < 1)
     max_iter_jitter: int = 0  # train max_iter ~ U{max_iter - jitter, max_iter} [rand_f_thres_delta]
     spectral_radius_every: int = 0  # power method at validation every N epochs, 0 = off
 

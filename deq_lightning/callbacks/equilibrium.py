@@ -72,6 +72,14 @@ def remedies(pl_module: pl.LightningModule, summary: dict[str, Any]) -> list[str
         out.append("solver=anderson (less prone to blow-ups)")
     if schedule is not None and not getattr(schedule, "max_iter_jitter", 0):
         out.append("a randomised training budget: task.max_iter_jitter=2")
+    residual = getattr(schedule, "residual_loss_weight", None)
+    if residual is not None:
+        out.append(
+            f"a larger residual term (task.residual_loss_weight, now {residual:g})"
+            if residual
+            else "a residual term: task.residual_loss_weight=0.5 (trains the state the solver "
+            "reached toward a fixed point; see docs/equilibrium.md)"
+        )
     return out
 
 

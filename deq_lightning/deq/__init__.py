@@ -19,7 +19,7 @@ attach))`` in :mod:`.backward`, where ``attach(f, z*, opts, stats)`` returns an
 from .backward import get_backward, list_backwards, register_backward
 from .dropout import VariationalDropout
 from .hyper import HyperAndersonNet, capture_problems, load_hypersolver, save_hypersolver
-from .jacobian import jac_loss_estimate, spectral_radius
+from .jacobian import jac_loss_estimate, residual_loss, spectral_radius
 from .kit import Option
 from .layer import DEQ, deq_override
 from .norm import apply_weight_norm, has_weight_norm, weight_norm
@@ -59,6 +59,7 @@ __all__ = [
     "load_hypersolver",
     "register_backward",
     "register_solver",
+    "residual_loss",
     "save_hypersolver",
     "solve",
     "solver_option_types",

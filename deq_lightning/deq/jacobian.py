@@ -1,6 +1,7 @@
-"""Jacobian tools at an equilibrium: the Hutchinson regulariser and a spectral-radius estimate.
+"""Terms at an equilibrium: the Hutchinson Jacobian regulariser, the residual term and a
+spectral-radius estimate.
 
-Both take ``fz = f(z)`` built with ``z.requires_grad_()`` and use vector-Jacobian products only, so
+All take ``fz = f(z)``; the Jacobian tools need it built with ``z.requires_grad_()`` and use vector-Jacobian products only, so
 they cost a few backward passes through one application of f, never a full Jacobian. f is assumed
 to act on each sample separately (its Jacobian is block-diagonal over the batch), which is what
 makes one batched VJP give every sample's estimate.
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .state import State
 
 
 def _per_sample_norm(x: Tensor) -> Tensor:
@@ -47,3 +50,23 @@ def spectral_radius(fz: Tensor, z: Tensor, n_iter: int = 50) -> Tensor:
         est = _per_sample_norm(vj)
         v = vj / est.clamp_min(1e-30).view(-1, *[1] * (vj.dim() - 1))
     return est.detach()
+
+
+def residual_loss(fz: State, z: State) -> Tensor:
+    """Mean over the batch of the relative residual ``||f(z) - z|| / ||f(z)||`` with ``z`` held
+    fixed: its gradient moves f's parameters (and its input injection) so that the state the
+    solver reached is a fixed point. It is the solver's ``rel`` stopping test, so the term trains
+    what ``fwd_converged`` checks. ``fz`` and ``z`` are states (a tensor or a tuple of tensors,
+    batch first)."""
+    fz_flat = torch.cat([_wide(a.flatten(1)) for a in _parts(fz)], 1)
+    z_flat = torch.cat([_wide(b.detach().flatten(1)) for b in _parts(z)], 1)
+    return ((fz_flat - z_flat).norm(dim=1) / (fz_flat.norm(dim=1) + 1e-8)).mean()
+
+
+def _wide(t: Tensor) -> Tensor:
+    """At least float32 (a bf16 state's residual underflows), float64 kept."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _parts(state: State) -> tuple[Tensor, ...]:
+    return (state,) if isinstance(state, Tensor) else tuple(state)

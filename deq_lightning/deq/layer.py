@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .backward import Attached, get_backward, unroll
-from .jacobian import jac_loss_estimate, spectral_radius
+from .jacobian import jac_loss_estimate, residual_loss, spectral_radius
 from .scope import forward_scope
 from .solvers import autocast_state, check_solver_options, flat_fn, get_solver, run_flat
 from .state import State, StateSpec
@@ -22,6 +22,7 @@ _OVERRIDABLE = (
     "backward",
     "backward_opts",
     "compute_jac_loss",
+    "compute_residual_loss",
     "compute_spectral_radius",
 )
 
@@ -44,8 +45,9 @@ class DEQ(nn.Module):
     ``solver_opts`` are the forward solver's options (``max_iter``, ``tol``, ``stop_mode`` and the
     solver's own, e.g. Anderson's ``m``); ``eval_solver_opts`` are laid over them in eval mode (the
     thesis raises the budget at test time). Unknown keys and impossible values raise at once.
-    Set ``compute_jac_loss`` / ``compute_spectral_radius`` (usually through :meth:`override`) to get
-    ``stats.jac_loss`` (differentiable) and ``stats.spectral_radius`` at the equilibrium.
+    Set ``compute_jac_loss`` / ``compute_residual_loss`` / ``compute_spectral_radius`` (usually
+    through :meth:`override`) to get ``stats.jac_loss``, ``stats.residual_loss`` (both
+    differentiable) and ``stats.spectral_radius`` at the equilibrium.
 
     Batch compaction (solver option ``compact``, on in eval mode by default): an f that accepts
     an ``index`` keyword is called as ``f(z_rows, index=rows)`` once samples have converged, and
@@ -73,6 +75,10 @@ class DEQ(nn.Module):
         self.jac_samples = jac_samples
         self.spectral_radius_iters = spectral_radius_iters
         self.compute_jac_loss = False
+        self.compute_residual_loss = False
+        # The residual term's measure, on (f(z), z) in f's state structure; a model may set its
+        # own (DEQ-Flow: the flow's update in pixels). Default: the relative residual.
+        self.residual_measure: Callable[[State, State], Tensor] = residual_loss
         # Set when f's module is compiled (task.compile): the Jacobian terms, which need f's
         # double backward, then evaluate f eagerly.
         self.eager_jacobian = False
@@ -195,14 +201,17 @@ class DEQ(nn.Module):
                 states += states[-1:] * (n_states - len(states))
                 stats = DEQStats(forward=fwd, mode=self.backward)
                 outs = [Attached(s) for s in states]
-            self._jacobian_terms(g, outs[-1], stats)
+            self._equilibrium_terms(g, outs[-1], stats, spec)
         return [spec.unflatten(o.z) for o in outs], stats
 
-    def _jacobian_terms(
-        self, g: Callable[[Tensor], Tensor], out: Attached, stats: DEQStats
+    def _equilibrium_terms(
+        self, g: Callable[[Tensor], Tensor], out: Attached, stats: DEQStats, spec: StateSpec
     ) -> None:
+        """The terms evaluated at the equilibrium on request: the Jacobian term, the residual
+        term and the spectral radius, sharing one differentiable ``f(z*)``."""
         want_jac = self.compute_jac_loss and torch.is_grad_enabled()
-        if not (want_jac or self.compute_spectral_radius):
+        want_res = self.compute_residual_loss and torch.is_grad_enabled()
+        if not (want_jac or want_res or self.compute_spectral_radius):
             return
         if out.fz is not None and not self.eager_jacobian:
             fz, z_in = out.fz, out.z_in
@@ -216,6 +225,8 @@ class DEQ(nn.Module):
                 fz = g(z_in)
         if want_jac:
             stats.jac_loss = jac_loss_estimate(fz, z_in, samples=self.jac_samples)
+        if want_res:
+            stats.residual_loss = self.residual_measure(spec.unflatten(fz), spec.unflatten(z_in))
         if self.compute_spectral_radius:
             with torch.enable_grad():
                 stats.spectral_radius = spectral_radius(fz, z_in, self.spectral_radius_iters)

@@ -94,12 +94,14 @@ class SolverStats:
 class DEQStats:
     """Diagnostics of one DEQ call: the forward solve and, once backward has run, the adjoint solve.
 
-    ``jac_loss`` (differentiable) and ``spectral_radius`` are filled only when requested.
+    ``jac_loss``, ``residual_loss`` (both differentiable) and ``spectral_radius`` are filled only
+    when requested.
     """
 
     forward: SolverStats
     backward: SolverStats | None = None
     jac_loss: Tensor | None = None
+    residual_loss: Tensor | None = None
     spectral_radius: Tensor | None = None
     mode: str = "deq"
     extra: dict = field(default_factory=dict)
@@ -122,6 +124,8 @@ class DEQStats:
             out.update(self.backward.metrics("bwd_"))
         if self.jac_loss is not None:
             out["jac_loss"] = self.jac_loss.detach().float().item()
+        if self.residual_loss is not None:
+            out["residual_loss"] = self.residual_loss.detach().float().item()
         if self.spectral_radius is not None:
             out["spectral_radius"] = self.spectral_radius.float().mean().item()
         return out

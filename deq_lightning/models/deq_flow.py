@@ -48,7 +48,13 @@ from torchvision.models.optical_flow.raft import (
 
 from deq_lightning.deq import DEQ, apply_weight_norm
 from deq_lightning.models.contract import ModelOutput
-from deq_lightning.models.flow_layers import EncodedPair, FlowModel, convex_upsample, pixel_grid
+from deq_lightning.models.flow_layers import (
+    UPSAMPLE,
+    EncodedPair,
+    FlowModel,
+    convex_upsample,
+    pixel_grid,
+)
 
 MAX_FLOW = 400.0  # pixels with |gt| >= 400 are left out of the loss (deq-flow main.py)
 
@@ -196,6 +202,7 @@ class DEQFlow(FlowModel):
         if weight_norm:
             apply_weight_norm(self.update_block)
         self.deq = DEQ(**(deq or {}))
+        self.deq.residual_measure = flow_update_px
 
     # -- estimate --------------------------------------------------------------------------------
 
@@ -289,6 +296,16 @@ def fixed_point_correction_loss(
     )
 
 
+def flow_update_px(fz: Sequence[Tensor], z: Sequence[Tensor]) -> Tensor:
+    """DEQ-Flow's residual term (``task.residual_loss_weight``): the mean absolute flow update
+    ``f(z) - z`` at the equilibrium, in full-resolution pixels like the correction loss. A
+    learned update that never quite stops drifts the flow a little at every iteration, so a
+    larger evaluation budget makes the estimate worse; this term trains it to stop. The hidden
+    state is left out: penalising its change as well (the relative residual) teaches the GRU to
+    freeze, and the flow then collapses to zero (reports/flow/ablation.md)."""
+    return UPSAMPLE * (fz[1].float() - z[1].detach().float()).abs().mean()
+
+
 def forward_interpolate(flow: Tensor) -> Tensor:
     """Carry a ``(B, 2, h, w)`` flow to the next frame: move each vector to where it points and
     fill every pixel from the nearest moved vector (RAFT's warm start for Sintel sequences)."""
@@ -311,4 +328,11 @@ def forward_interpolate(flow: Tensor) -> Tensor:
     return torch.from_numpy(np.stack(out).astype(np.float32)).to(flow.device)
 
 
-__all__ = ["SIZES", "DEQFlow", "FlowSize", "fixed_point_correction_loss", "forward_interpolate"]
+__all__ = [
+    "SIZES",
+    "DEQFlow",
+    "FlowSize",
+    "fixed_point_correction_loss",
+    "flow_update_px",
+    "forward_interpolate",
+]

@@ -169,6 +169,8 @@ class DEQTask(pl.LightningModule):
             changes.update(backward="unrolled", backward_opts={"steps": s.pretrain_unroll})
         if self._jac_weight_now() > 0 and random.random() < self._jac_prob():
             changes["compute_jac_loss"] = True
+        if self._residual_on():
+            changes["compute_residual_loss"] = True
         if s.max_iter_jitter and not self.pretraining:
             base = self._base_max_iter()
             if base is not None:
@@ -184,6 +186,17 @@ class DEQTask(pl.LightningModule):
             else (self.schedule.jac_loss_freq)
         )
 
+    def _residual_on(self) -> bool:
+        """Whether this training step adds the residual term: a weight is set, pre-training is
+        over and ``residual_loss_start`` (steps, or a fraction < 1 of the run) is reached."""
+        s = self.schedule
+        if s.residual_loss_weight <= 0 or self.pretraining:
+            return False
+        start = s.residual_loss_start
+        if 0 < start < 1:
+            start *= self.trainer.estimated_stepping_batches
+        return self.global_step >= start
+
     def _jac_weight_now(self) -> float:
         return self.schedule.jac_weight(self.global_step, self.current_epoch, self.pretraining)
 
@@ -193,11 +206,14 @@ class DEQTask(pl.LightningModule):
                 return m.active_solver_opts()["max_iter"]
         return None
 
-    def add_jac_loss(self, loss: Tensor, stats: DEQStats | None) -> Tensor:
-        """``loss + gamma * jac_loss`` when this step computed the Jacobian term."""
-        if stats is None or stats.jac_loss is None:
-            return loss
-        return loss + self._jac_weight_now() * stats.jac_loss
+    def add_deq_losses(self, loss: Tensor, stats: DEQStats | None) -> Tensor:
+        """``loss + gamma * jac_loss + residual_loss_weight * residual_loss``, each term when this
+        step computed it."""
+        if stats is not None and stats.jac_loss is not None:
+            loss = loss + self._jac_weight_now() * stats.jac_loss
+        if stats is not None and stats.residual_loss is not None:
+            loss = loss + self.schedule.residual_loss_weight * stats.residual_loss
+        return loss
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -256,6 +272,8 @@ class DEQTask(pl.LightningModule):
             # Only the steps that draw a Jacobian step have it (so it may be missing on some
             # ranks): in training, rank 0's value.
             metrics[f"{stage}/jac_loss"] = stats.jac_loss.detach()
+        if stats.residual_loss is not None:
+            metrics[f"{stage}/residual_loss"] = stats.residual_loss.detach()
         self.log_dict(metrics, **kw)
         self._log_equilibrium(stats, stage, prefix is not None)
         if train:

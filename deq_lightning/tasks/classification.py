@@ -52,7 +52,7 @@ class ClassificationTask(DEQTask):
         if stage == "train":
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
         self.log_deq(stats, stage, n)
-        return self.add_jac_loss(loss, stats)
+        return self.add_deq_losses(loss, stats)
 
     def on_train_start(self) -> None:
         # Sanity-check batches must not count towards the best validation accuracy (the best

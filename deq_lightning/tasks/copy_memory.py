@@ -68,7 +68,7 @@ class CopyMemoryTask(DEQTask):
         if stage == "train":
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
         self.log_deq(stats, stage, tokens.shape[0])
-        return self.add_jac_loss(loss, stats)
+        return self.add_deq_losses(loss, stats)
 
     def on_train_start(self) -> None:
         self.metrics["val_recall_acc"].reset()  # sanity-check batches are not a result

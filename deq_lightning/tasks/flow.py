@@ -189,7 +189,7 @@ class FlowTask(DEQTask):
                     t[:k].detach().float().cpu() for t in (img1, out["flow"], flow, valid)
                 )
         self.log_deq(stats, stage, n, prefix=prefix if multi else None)
-        return self.add_jac_loss(loss, stats)
+        return self.add_deq_losses(loss, stats)
 
     def update_metrics(
         self, stage: str, set_index: int, pred: Tensor, flow: Tensor, valid: Tensor

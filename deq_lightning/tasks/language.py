@@ -68,7 +68,7 @@ class LanguageModelTask(DEQTask):
         )
         self.log(f"{stage}/ppl", metric, on_step=False, on_epoch=True, prog_bar=True)
         self.log_deq(stats, stage, n)
-        return self.add_jac_loss(loss, stats)
+        return self.add_deq_losses(loss, stats)
 
     def _reset_memory(self, stage: str) -> None:
         self._mems.pop(stage, None)

@@ -265,7 +265,7 @@ class SegmentationTask(DEQTask):
             prog_bar=True,
         )
         self.log_deq(stats, stage, n)
-        return self.add_jac_loss(loss, stats)
+        return self.add_deq_losses(loss, stats)
 
     def on_validation_batch_start(
         self, batch: Any, batch_idx: int, dataloader_idx: int = 0

@@ -118,3 +118,21 @@ def test_peer_quick_trains_both_sides_on_the_same_pairs_and_reports(tmp_path, ru
     assert "| deq_flow" in report and "| raft_small" in report
     assert "Motorcycle x0.25 EPE / zero" in report and " px = " in report
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_default_quick_writes_the_default_row(tmp_path, run_env):
+    """bench/flow.py --default: train.py at the experiment's defaults in a fresh process, its
+    scores, equilibrium and costs in default.json (--quick: a few steps, marked quick)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "flow.py"), "--default", "--quick", "--threads=1",
+         f"--out={tmp_path}"],
+        env={**run_env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads((tmp_path / "default.json").read_text())
+    assert doc["quick"] is True and doc["threads"] == 1
+    assert doc["run"] == "OMP_NUM_THREADS=1 python train.py experiment=flow_tiny"
+    assert doc["test/epe"] > 0 and doc["test/epe_zero"] > 0
+    assert 0.0 <= doc["test/fwd_converged"] <= 1.0
+    assert doc["wall_s"] > 0 and doc["cpu_s"] > 0 and doc["max_rss_mib"] > 0

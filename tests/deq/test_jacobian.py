@@ -1,6 +1,6 @@
 import torch
 
-from deq_lightning.deq import jac_loss_estimate, spectral_radius
+from deq_lightning.deq import jac_loss_estimate, residual_loss, spectral_radius
 
 from .problems import TanhCell
 
@@ -46,3 +46,30 @@ def test_power_method_finds_spectral_radius():
     fz = torch.einsum("bij,bj->bi", mats, z)
     est = spectral_radius(fz, z, n_iter=300)
     torch.testing.assert_close(est, radii, rtol=1e-4, atol=1e-6)
+
+
+def test_residual_loss_is_the_relative_residual_and_trains_f_only():
+    cell = TanhCell(d=8)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    z = torch.randn(3, 8, dtype=torch.float64).requires_grad_()
+    fz = cell(z, x)
+    loss = residual_loss(fz, z)
+    torch.testing.assert_close(loss, ((fz - z).norm(dim=1) / fz.norm(dim=1)).mean())
+    gw, gz = torch.autograd.grad(loss, [cell.w, z])
+    assert gw.abs().sum() > 0
+    # z is held fixed in the difference: its gradient is only the one through f(z)
+    fz = cell(z, x)
+    (gz_through_f,) = torch.autograd.grad(
+        ((fz - z.detach()).norm(dim=1) / fz.norm(dim=1)).mean(), z
+    )
+    torch.testing.assert_close(gz, gz_through_f)
+
+
+def test_residual_loss_of_a_tuple_state_pools_its_parts():
+    a, b = torch.randn(2, 3), torch.randn(2, 4, 2)
+    fa, fb = a + 1.0, b.clone()
+    flat = torch.cat([a.flatten(1), b.flatten(1)], 1)
+    fflat = torch.cat([fa.flatten(1), fb.flatten(1)], 1)
+    expected = ((fflat - flat).norm(dim=1) / fflat.norm(dim=1)).mean()
+    torch.testing.assert_close(residual_loss((fa, fb), (a, b)), expected)
+    assert residual_loss((a, b), (a, b)) == 0

@@ -234,6 +234,30 @@ def test_jac_loss_and_spectral_radius_on_request(backward):
     )
 
 
+@pytest.mark.parametrize("backward", ["implicit", "phantom"])
+def test_residual_loss_on_request_with_a_model_measure(backward):
+    cell, x, z0 = tensor_case()
+    deq = DEQ(backward=backward, solver_opts={"tol": 1e-3, "max_iter": 4})
+    _, stats = deq(lambda z: cell(z, x), z0)
+    assert stats.residual_loss is None
+    with deq.override(compute_residual_loss=True):
+        _, stats = deq(lambda z: cell(z, x), z0)
+    assert stats.residual_loss.requires_grad and stats.residual_loss > 0
+    (gw,) = torch.autograd.grad(stats.residual_loss, cell.w)
+    assert gw.abs().sum() > 0
+    assert "residual_loss" in stats.metrics()
+    # A model's own measure replaces the relative residual (DEQ-Flow: its flow update).
+    seen = []
+    deq.residual_measure = lambda fz, z: seen.append((fz, z)) or (fz - z).abs().sum()
+    with deq.override(compute_residual_loss=True), torch.no_grad():
+        _, stats = deq(lambda z: cell(z, x), z0)
+    assert stats.residual_loss is None and not seen  # nothing to train without a graph
+    with deq.override(compute_residual_loss=True):
+        _, stats = deq(lambda z: cell(z, x), z0)
+    ((fz, z),) = seen
+    torch.testing.assert_close(stats.residual_loss, (fz - z).abs().sum())
+
+
 def test_float32_under_bf16_autocast_trains():
     lin = nn.Linear(24, 24)
     with torch.no_grad():

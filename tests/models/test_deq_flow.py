@@ -83,6 +83,30 @@ def test_all_grad_lets_gradient_through_the_flow() -> None:
     assert not torch.allclose(grads[0], grads[1])
 
 
+def test_residual_term_is_the_flow_update_in_pixels() -> None:
+    """``compute_residual_loss`` on DEQ-Flow measures f's flow update at the last state (x8, in
+    full-resolution pixels), not the hidden state's change, and trains the update block."""
+    model = tiny()
+    img1, img2 = frames(1)
+    seen = []
+    measure = model.deq.residual_measure
+
+    def spy(fz, z):
+        seen.append((fz, z))
+        return measure(fz, z)
+
+    model.deq.residual_measure = spy
+    with deq_override(model, compute_residual_loss=True):
+        _out, stats = model(img1, img2)
+    ((fz, z),) = seen
+    assert fz[0].shape == (1, model.hidden_dim, 8, 8) and fz[1].shape == (1, 2, 8, 8)
+    torch.testing.assert_close(stats.residual_loss, 8 * (fz[1] - z[1]).abs().mean())
+    assert not torch.equal(fz[0], z[0])  # the hidden state moved, and is not counted
+    stats.residual_loss.backward()
+    grad = model.update_block.flow_head.conv2.weight_v.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
 def test_thesis_sizes_parameter_counts() -> None:
     """B and H match the counts printed by deq-flow (v1 ``ref/val.txt``: 5.243M; v2
     ``log/val.txt``: 13.395M); hidden widths 128/192/256."""

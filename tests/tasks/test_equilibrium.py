@@ -102,6 +102,39 @@ def test_remedies_follow_the_config():
     text = "; ".join(remedies(task, summary))
     assert "now 0.7" in text and "solver.max_iter=20" in text and "solver=anderson" in text
     assert "max_iter_jitter" not in text
+    assert "task.residual_loss_weight=0.5" in text
+    text = "; ".join(remedies(task_for(gain=0.5, residual_loss_weight=0.3), summary))
+    assert "residual_loss_weight, now 0.3" in text
     line = describe("val", {"converged": 0.5, "res_p50": 1e-3, "res_p90": 1e-2, "res_max": 0.1,
                              "steps": 9.5, "tol": 1e-3, "stop_mode": "rel", "max_iter": 10})  # fmt: skip
     assert line.startswith("val: 50.0% of samples at their fixed point (rel residual < 0.001")
+
+
+@pytest.mark.parametrize("start", [0, 0.5])
+def test_residual_term_joins_the_loss_from_its_start(tmp_path, start):
+    """task.residual_loss_weight adds the residual at the reached state to the training loss
+    (logged as train/residual_loss) from task.residual_loss_start on, and only then."""
+    task = task_for(gain=0.5, residual_loss_weight=0.5, residual_loss_start=start)
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.append(
+                (trainer.global_step, "train/residual_loss_step" in trainer.callback_metrics)
+            )
+
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=4,
+        limit_val_batches=0,
+        callbacks=[Record()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(task, datamodule=DigitsDataModule(batch_size=32))
+    # global_step counts finished optimizer steps: the batch at step s logs after it finishes.
+    first_on = next(step for step, logged in seen if logged) - 1
+    assert first_on == (0 if start == 0 else 2)
+    assert float(trainer.callback_metrics["train/residual_loss_step"]) > 0
