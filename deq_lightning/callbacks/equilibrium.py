@@ -77,7 +77,7 @@ def remedies(pl_module: pl.LightningModule, summary: dict[str, Any]) -> list[str
         out.append(
             f"a larger residual term (task.residual_loss_weight, now {residual:g})"
             if residual
-            else "a residual term: task.residual_loss_weight=0.5 (trains the state the solver "
+            else "a residual term: task.residual_loss_weight=0.1 (trains the state the solver "
             "reached toward a fixed point; see docs/equilibrium.md)"
         )
     return out

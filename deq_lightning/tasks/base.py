@@ -193,7 +193,9 @@ class DEQTask(pl.LightningModule):
         if s.residual_loss_weight <= 0 or self.pretraining:
             return False
         start = s.residual_loss_start
-        if 0 < start < 1:
+        if 0 < start < 1:  # a fraction of the run: without a Trainer there is no run yet
+            if self._trainer is None:
+                return False
             start *= self.trainer.estimated_stepping_batches
         return self.global_step >= start
 

@@ -102,7 +102,7 @@ def test_remedies_follow_the_config():
     text = "; ".join(remedies(task, summary))
     assert "now 0.7" in text and "solver.max_iter=20" in text and "solver=anderson" in text
     assert "max_iter_jitter" not in text
-    assert "task.residual_loss_weight=0.5" in text
+    assert "task.residual_loss_weight=0.1" in text
     text = "; ".join(remedies(task_for(gain=0.5, residual_loss_weight=0.3), summary))
     assert "residual_loss_weight, now 0.3" in text
     line = describe("val", {"converged": 0.5, "res_p50": 1e-3, "res_p90": 1e-2, "res_max": 0.1,
@@ -138,3 +138,17 @@ def test_residual_term_joins_the_loss_from_its_start(tmp_path, start):
     first_on = next(step for step, logged in seen if logged) - 1
     assert first_on == (0 if start == 0 else 2)
     assert float(trainer.callback_metrics["train/residual_loss_step"]) > 0
+
+
+def test_residual_term_outside_a_trainer():
+    """A training step outside any Trainer (benchmarks measure one): a start given as a fraction
+    of the run cannot be placed yet, so the term is off; a start of 0 applies at once."""
+    import torch
+
+    x, y = torch.randn(4, 64), torch.tensor([0, 1, 2, 3])
+    for start, expected in ((0.5, False), (0, True)):
+        task = task_for(gain=0.5, residual_loss_weight=0.5, residual_loss_start=start).train()
+        _out, stats = task.run_model(x)
+        assert (stats.residual_loss is not None) is expected
+        loss = task.add_deq_losses(torch.nn.functional.cross_entropy(_out, y), stats)
+        loss.backward()
