@@ -50,15 +50,17 @@ scale, ``real_epe`` (over the pixels with known disparity), ``real_epe_zero`` (t
 the same pixels), ``real_epe_vs_zero`` and ``real_converged`` (the DEQ's fraction at its fixed
 point; ``None`` for RAFT).
 
-Prediction memory on photographs (what ``predict_flow.py max_side=...`` costs)::
+Prediction memory on photographs (what ``predict_flow.py max_side=... tile=...`` costs)::
 
-    OMP_NUM_THREADS=1 python bench/flow.py --predict-memory   # ~1 min: predict_memory.json
+    OMP_NUM_THREADS=1 python bench/flow.py --predict-memory   # ~5 min: predict_memory.json
 
 times and measures the peak memory (``bench/_common.peak_memory_mib``: resident set above the
 set-up, in a fresh process) of predicting one pair with the ``--experiment``'s architecture (random
-weights: the cost does not depend on them) through ``predict_flow.solve_within``: the 500x741
-Motorcycle pair as is and at ``max_side=256``, and that pair upscaled 6x (3000x4446, 13
-megapixels) at ``max_side=512``.
+weights: the cost does not depend on them) through ``flow_frames.solve_within``: the 500x741
+Motorcycle pair as is, at ``max_side=256`` and in tiles of 256 (``tile_batch=null``, 1 on a CPU,
+and 8), that pair upscaled 6x (3000x4446, 13 megapixels) at ``max_side=512``, and upscaled 2x
+(1000x1482) at full resolution in tiles of 512. (The 13-megapixel pair in tiles of 512 is 96
+tiles, about 2.5 minutes a call at one thread, too long for the five calls a row takes.)
 """
 
 from __future__ import annotations
@@ -90,12 +92,19 @@ from _common import (
     train_target,
 )
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from readme import real_flow_cell
 
 import deq_lightning
+from deq_lightning.app.flow_frames import (
+    Tiling,
+    check_frame_size,
+    correlation_bytes,
+    plan_tiling,
+    solve_within,
+    tile_options,
+)
 from deq_lightning.app.inference import FlowEstimator, NotAtEquilibriumWarning
-from deq_lightning.app.predict_flow import check_frame_size, correlation_bytes, solve_within
 from deq_lightning.config import build_model, plain, register_schemas
 from deq_lightning.datamodules.flow_real import MOTORCYCLE_SOURCE, motorcycle_pair
 from deq_lightning.deq import deq_override
@@ -458,21 +467,38 @@ def write_side_report(result: dict, path: Path, png_name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# --predict-memory: predict_flow.py on photographs, with and without max_side
+# --predict-memory: predict_flow.py on photographs, with and without max_side and tiles
 # ----------------------------------------------------------------------------------------------
 
-# (name, upscale of the 500x741 Motorcycle pair, max_side)
+# (name, upscale of the 500x741 Motorcycle pair, max_side, tile, tile_batch: None as the app picks)
 PREDICT_CASES = (
-    ("motorcycle", 1, None),
-    ("motorcycle", 1, 256),
-    ("motorcycle x6 (13 MP)", 6, 512),
+    ("motorcycle", 1, None, None, None),
+    ("motorcycle", 1, 256, None, None),
+    ("motorcycle x6 (13 MP)", 6, 512, None, None),
+    ("motorcycle", 1, None, 256, None),
+    ("motorcycle", 1, None, 256, 8),
+    ("motorcycle x2 (1.5 MP)", 2, None, 512, None),
 )
 
 
-def prepare_predict(experiment: str, upscale: int, max_side: int | None) -> callable:
-    """One ``predict_flow.py`` solve (``solve_within`` at ``max_side``) of the Motorcycle pair
-    upscaled by ``upscale``, with the experiment's model at random weights (the cost does not
-    depend on them), ready to run: model and frames are set-up (for :func:`peak_memory_mib`)."""
+def plan_predict(
+    size: Sequence[int], max_side: int | None, tile: int | None, tile_batch: int | None, levels: int
+) -> tuple[tuple[int, int], Tiling | None]:
+    """The size ``predict_flow.py`` solves a pair of ``size`` at on the CPU, and its tiles, as the
+    app plans them from its options (the default overlap, the tile batch that fits)."""
+    cpu = torch.device("cpu")
+    solved = check_frame_size(size, max_side, levels, cpu, tile)
+    options = tile_options(OmegaConf.create({"tile": tile, "tile_batch": tile_batch}), levels)
+    return solved, (plan_tiling(solved, *options, levels, cpu) if options else None)
+
+
+def prepare_predict(
+    experiment: str, upscale: int, max_side: int | None, tile: int | None, tile_batch: int | None
+) -> callable:
+    """One ``predict_flow.py`` solve (``solve_within`` at ``max_side``, in tiles of ``tile``) of
+    the Motorcycle pair upscaled by ``upscale``, with the experiment's model at random weights
+    (the cost does not depend on them), ready to run: model and frames are set-up (for
+    :func:`peak_memory_mib`)."""
     import hydra
 
     torch.manual_seed(SEED)
@@ -484,11 +510,11 @@ def prepare_predict(experiment: str, upscale: int, max_side: int | None) -> call
         F.interpolate(x[None], scale_factor=upscale, mode="bilinear") if upscale != 1 else x[None]
         for x in (pair.image1, pair.image2)
     )
-    size = check_frame_size(img1.shape[-2:], max_side, task.model.corr_levels, torch.device("cpu"))
+    size, tiling = plan_predict(img1.shape[-2:], max_side, tile, tile_batch, task.model.corr_levels)
 
     @torch.no_grad()
     def go() -> None:
-        solve_within(task, img1, img2, size)
+        solve_within(task, img1, img2, size, tiling=tiling)
 
     return go
 
@@ -497,20 +523,24 @@ def predict_memory(args: argparse.Namespace) -> None:
     """--predict-memory: peak memory and time of predicting a photograph pair per case."""
     load0 = os.getloadavg()
     prepares = [
-        functools.partial(prepare_predict, args.experiment, up, side)
-        for _, up, side in PREDICT_CASES
+        functools.partial(prepare_predict, args.experiment, *case[1:]) for case in PREDICT_CASES
     ]
     mem = peak_memory_mib(prepares, torch.device("cpu"), args.threads)
     levels = train_config(args.experiment, "phantom").model.corr_levels
     h, w = motorcycle_pair().valid.shape
     cases = []
-    for (name, up, side), peak, prepare in zip(PREDICT_CASES, mem, prepares):
+    for (name, up, side, tile, batch), peak, prepare in zip(PREDICT_CASES, mem, prepares):
         size = (h * up, w * up)
-        solved = check_frame_size(size, side, levels, torch.device("cpu"))
+        solved, tiling = plan_predict(size, side, tile, batch, levels)
         go = prepare()
         go()  # warm-up
         times, _ = timed(go, torch.device("cpu"), args.repeats, budget_s=args.budget)
         del go
+        at_once = (
+            correlation_bytes(solved, levels)
+            if tiling is None
+            else tiling.batch * correlation_bytes(tiling.shape, levels)
+        )
         cases.append(
             {
                 "name": name,
@@ -518,14 +548,20 @@ def predict_memory(args: argparse.Namespace) -> None:
                 "megapixels": size[0] * size[1] / 1e6,
                 "max_side": side,
                 "solved_size": list(solved),
+                "tile": tile,
+                "tile_overlap": None if tiling is None else tiling.overlap,
+                "tiles": 1 if tiling is None else len(tiling.boxes),
+                "tile_batch": None if tiling is None else tiling.batch,
                 "peak_mib": peak,
                 "frames_mib": 2 * 3 * size[0] * size[1] * 4 / 2**20,  # float32 inputs, set-up
                 "seconds": statistics.median(times),
-                "correlation_mib": correlation_bytes(solved, levels) / 2**20,
+                "correlation_mib": at_once / 2**20,
                 "correlation_mib_without_max_side": correlation_bytes(size, levels) / 2**20,
             }
         )
-        print(f"[flow] {name} max_side={side}: {cases[-1]}", file=sys.stderr, flush=True)
+        print(
+            f"[flow] {name} max_side={side} tile={tile}: {cases[-1]}", file=sys.stderr, flush=True
+        )
     cmd = f"OMP_NUM_THREADS={args.threads} python bench/flow.py {' '.join(sys.argv[1:])}".strip()
     result = {
         "command": cmd,
@@ -533,10 +569,12 @@ def predict_memory(args: argparse.Namespace) -> None:
         "experiment": args.experiment,
         "weights": "random (memory and time do not depend on them)",
         "pair": MOTORCYCLE_SOURCE,
-        "measures": "predict_flow.solve_within on one pair after one unmeasured call: peak_mib, "
+        "measures": "flow_frames.solve_within on one pair after one unmeasured call: peak_mib, "
         "the peak resident memory above the loaded model and frames (frames_mib, float32) "
         "(bench/_common.peak_memory_mib, a fresh process); seconds, the median wall time of "
-        "--repeats calls",
+        "--repeats calls; correlation_mib, the correlation volumes held at once (the solved "
+        "frame's, or one forward's tile_batch tiles'); correlation_mib_without_max_side, the "
+        "whole frame's at its own size",
         "threads": args.threads,
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
@@ -582,7 +620,7 @@ def main() -> None:
     ap.add_argument(
         "--predict-memory",
         action="store_true",
-        help="predict_flow.py's memory and time on photographs, with and without max_side",
+        help="predict_flow.py's memory and time on photographs, with max_side and tile",
     )
     ap.add_argument(
         "--default",

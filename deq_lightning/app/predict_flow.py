@@ -13,8 +13,16 @@ reports/flow/predict_memory.json), so
 ``max_side=N`` downscales frames whose longer side exceeds N (antialiased), solves there, and
 upsamples the flow back to the input size, its vectors multiplied by the size ratio of their axis.
 Without it, a pair whose volume would not fit in the device's available memory is refused with
-the ``max_side`` that fits. Measured memory and time: ``reports/flow/predict_memory.json``
-(``python bench/flow.py --predict-memory``).
+the ``max_side`` and the ``tile`` that fit. ``tile=N`` instead keeps the resolution and solves
+the frame in overlapping N x N tiles (:class:`Tiling`): each tile pair on its own (``tile_batch``
+per forward), their flows blended with weights that fall off towards the tiles' inner sides. A tile
+sees nothing beyond itself, so motion that carries a pixel out of its tile cannot be matched
+there: a pixel whose motion of m px leaves a tile takes at most m / (tile_overlap + 1) of its flow
+from that tile, and motion beyond the overlap is lost near the seams; for large motion combine
+``tile`` with ``max_side`` (downscaling shrinks the motion in pixels). Along a sequence each tile
+is warm-started from its own previous fixed point (the tiles are the same for every pair).
+Measured memory and time: ``reports/flow/predict_memory.json`` (``python bench/flow.py
+--predict-memory``), quoted in docs/speed.md.
 
 ``benchmark=true`` instead writes the submission files of the run's benchmark test sets
 (``data.predict_sets``: Sintel ``.flo`` per pass and scene, KITTI 16-bit PNGs), warm-started
@@ -30,18 +38,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from torchvision.utils import flow_to_image
 
 from deq_lightning.app.build import predict_to
 from deq_lightning.app.console import say
+from deq_lightning.app.flow_frames import (
+    Tiling,
+    check_frame_size,
+    plan_tiling,
+    solve_within,
+    tile_options,
+    tiling_note,
+)
 from deq_lightning.app.runs import Run, run_from
 from deq_lightning.callbacks.flow import FlowSubmissionWriter
 from deq_lightning.datamodules.flow_io import write_flo
 from deq_lightning.deq import DEQStats
-from deq_lightning.models.contract import ModelOutput
 from deq_lightning.models.deq_flow import forward_interpolate
 from deq_lightning.tasks.flow import FlowTask
 
@@ -53,6 +67,9 @@ PREDICT_OWN_KEYS = {
     "max_frames",
     "benchmark",
     "max_side",
+    "tile",
+    "tile_overlap",
+    "tile_batch",
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -66,25 +83,34 @@ class PairResult:
     color: str
     warm_start: bool  # this pair's solve started from the previous pair's fixed point
     solver_steps: float | None  # f evaluations run (None: an explicit model such as RAFT)
-    rel_residual: float | None  # of the returned iterate
+    rel_residual: float | None  # of the returned iterate (mean over the tiles)
     best_step: float | None = None  # the iteration the returned (lowest-residual) iterate is from
-    converged: bool | None = None  # the solve met its tolerance within its budget
+    converged: bool | None = None  # the solve (every tile's) met its tolerance within its budget
     max_iter: int | None = None  # the solver's budget
     solved_size: list[int] | None = None  # (H, W) the model ran at (smaller with max_side)
+    tiles: int = 1  # solves the pair took (1: the whole frame at once); the means are over them
+    tiles_converged: int | None = None  # of those solves, how many met the tolerance
+    tiling: dict | None = None  # tile=: {"tile_size": [H, W], "overlap": px, "batch": per forward}
 
 
 def solver_summary(results: Sequence[PairResult]) -> str:
     """What the solver did over the pairs (empty for an explicit model): steps run, the step of
-    the returned iterate, converged fraction, residual and how many pairs were warm-started."""
+    the returned iterate, converged fraction, residual and how many pairs were warm-started.
+    Tiled pairs count every tile's solve."""
     solved = [r for r in results if r.solver_steps is not None]
     if not solved:
         return ""
     warm = sum(r.warm_start for r in solved)
-    converged = sum(bool(r.converged) for r in solved)
+    tiles = sum(r.tiles for r in solved)
+    converged = sum(
+        int(r.converged) if r.tiles_converged is None else r.tiles_converged for r in solved
+    )
+    tiled = any(r.tiling is not None for r in solved)
+    unit = f"tiles ({tiles / len(solved):g} per pair)" if tiled else "pairs"
     return (
-        f"; solver: {np.mean([r.solver_steps for r in solved]):.1f} steps run of "
+        f"; solver: {sum(r.solver_steps * r.tiles for r in solved) / tiles:.1f} steps run of "
         f"{solved[0].max_iter} (returned iterate from step "
-        f"{np.mean([r.best_step for r in solved]):.1f}), {converged}/{len(solved)} pairs "
+        f"{sum(r.best_step * r.tiles for r in solved) / tiles:.1f}), {converged}/{tiles} {unit} "
         f"converged, relative residual median {np.median([r.rel_residual for r in solved]):.3g}; "
         f"{warm}/{len(solved)} pairs warm-started"
     )
@@ -176,96 +202,6 @@ def to_batch(frame: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(frame).permute(2, 0, 1)[None].float().to(device)
 
 
-# ------------------------------------------------------------------------------ full-size frames
-
-
-def fit_size(size: Sequence[int], max_side: int | None) -> tuple[int, int]:
-    """The ``(H, W)`` the model runs at: ``size`` downscaled so that its longer side is at most
-    ``max_side`` (``None``: as is)."""
-    h, w = int(size[0]), int(size[1])
-    if max_side is None or max(h, w) <= max_side:
-        return h, w
-    scale = max_side / max(h, w)
-    return max(1, round(h * scale)), max(1, round(w * scale))
-
-
-def correlation_bytes(size: Sequence[int], corr_levels: int) -> int:
-    """Bytes of the all-pairs correlation pyramid of a pair of ``size`` (float32, every pixel at
-    1/8 of the padded size against every pixel of each pooled level): what grows as the square
-    of the pixel count and what a full-size photograph runs out of memory on."""
-    h8, w8 = -(-int(size[0]) // 8), -(-int(size[1]) // 8)
-    return 4 * h8 * w8 * sum((h8 >> level) * (w8 >> level) for level in range(corr_levels))
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` (CPU: Linux's MemAvailable; ``None`` where unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as fh:
-            line = next(line for line in fh if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
-    return int(line.split()[1]) * 1024
-
-
-def check_frame_size(
-    size: Sequence[int], max_side: int | None, corr_levels: int, device: torch.device
-) -> tuple[int, int]:
-    """The size the model runs at, after checking it: large enough for the model's correlation
-    levels and small enough for its correlation volume to fit ``device``'s free memory; the
-    errors name the ``max_side`` that works."""
-    h, w = int(size[0]), int(size[1])
-    run = fit_size((h, w), max_side)
-    need_side = 8 * 2**corr_levels  # the coarsest correlation level keeps 2 pixels
-    least = -(-need_side * max(h, w) // min(h, w))
-    if run != (h, w) and min(run) < need_side:
-        raise ValueError(
-            f"max_side={max_side} shrinks {h}x{w} frames to {run[0]}x{run[1]}, below the "
-            f"{need_side} px per side the model's {corr_levels} correlation levels need; set "
-            f"max_side >= {least}"
-        )
-    need, free = correlation_bytes(run, corr_levels), available_bytes(device)
-    if free is not None and need > free:
-        side = int(max(run) * (free / 2 / need) ** 0.25) // 8 * 8  # half the free memory
-        fix = (
-            f"set max_side={side} (frames downscaled before the model, flow upsampled back; "
-            "conf/predict_flow.yaml)"
-            if side >= least
-            else f"no max_side >= {least} (the model's smallest input) fits: free memory or "
-            "use another device"
-        )
-        raise MemoryError(
-            f"{h}x{w} frames{f' (max_side={max_side}: {run[0]}x{run[1]})' if max_side else ''}: "
-            f"the model's all-pairs correlation volume would take {need / 2**30:.1f} GiB, more "
-            f"than the {free / 2**30:.1f} GiB free on {device}; {fix}"
-        )
-    return run
-
-
-def solve_within(
-    task: FlowTask,
-    img1: torch.Tensor,
-    img2: torch.Tensor,
-    run_size: Sequence[int],
-    flow_init: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, ModelOutput]:
-    """The flow ``(B, 2, H, W)`` at the frames' own size, solved at ``run_size``
-    (:func:`check_frame_size`), and the model's output there (its ``flow_low``: the next pair's
-    warm start). Downscaling is antialiased; the flow is upsampled bilinearly and each component
-    multiplied by its axis's size ratio."""
-    size = tuple(img1.shape[-2:])
-    run_size = tuple(int(s) for s in run_size)
-    if run_size == size:
-        out = task.solve(img1, img2, flow_init)
-        return out.output["flow"], out
-    small = [F.interpolate(x, size=run_size, mode="bilinear", antialias=True) for x in (img1, img2)]
-    out = task.solve(*small, flow_init)
-    flow = F.interpolate(out.output["flow"].float(), size=size, mode="bilinear")
-    ratio = torch.tensor([size[1] / run_size[1], size[0] / run_size[0]], device=flow.device)
-    return flow * ratio.view(1, 2, 1, 1), out
-
-
 # ------------------------------------------------------------------------------ prediction
 
 
@@ -311,9 +247,10 @@ def predict_flow(cfg: DictConfig) -> list[PairResult] | list[Path]:
     (out_dir / "flo").mkdir(parents=True, exist_ok=True)
     (out_dir / "color").mkdir(parents=True, exist_ok=True)
     warm, max_frames = bool(cfg.get("warm_start", True)), cfg.get("max_frames")
-    results: list[PairResult] = []
-    prev, prev_low, run_size = None, None, None
     corr_levels = task.model.corr_levels
+    tiles = tile_options(cfg, corr_levels)
+    results: list[PairResult] = []
+    prev, prev_low, run_size, tiling = None, None, None, None
     for i, frame in enumerate(frames):
         if max_frames is not None and i >= int(max_frames):
             break
@@ -324,13 +261,21 @@ def predict_flow(cfg: DictConfig) -> list[PairResult] | list[Path]:
             )
         if prev is not None:
             if run_size is None:
-                run_size = check_frame_size(frame.shape[:2], max_side, corr_levels, device)
+                tile = tiles[0] if tiles else None
+                run_size = check_frame_size(frame.shape[:2], max_side, corr_levels, device, tile)
+                if tiles:
+                    tiling = plan_tiling(run_size, *tiles, corr_levels, device)
+                    say(tiling_note(tiling, run_size, corr_levels, device))
             init = forward_interpolate(prev_low) if warm and prev_low is not None else None
             img1, img2 = to_batch(prev, device), to_batch(frame, device)
-            flow, (out, stats) = solve_within(task, img1, img2, run_size, init)
+            solve = solve_within(task, img1, img2, run_size, init, tiling)
             name = names[i - 1] if names is not None else f"frame_{i - 1:06d}"
-            results.append(write_pair(out_dir, name, flow[0], stats, init is not None, run_size))
-            prev_low = out["flow_low"]
+            results.append(
+                write_pair(
+                    out_dir, name, solve.flow[0], solve.stats, init is not None, run_size, tiling
+                )
+            )
+            prev_low = solve.flow_low
         prev = frame
     if not results:
         raise ValueError(f"input={cfg.input}: fewer than 2 frames")
@@ -345,11 +290,12 @@ def write_pair(
     out_dir: Path,
     name: str,
     flow: torch.Tensor,
-    stats: DEQStats | None,
+    stats: Sequence[DEQStats],
     warm: bool,
     solved_size: Sequence[int],
+    tiling: Tiling | None = None,
 ) -> PairResult:
-    """Write one pair's ``.flo`` and colour PNG; what its solve did."""
+    """Write one pair's ``.flo`` and colour PNG; what its solves (one per tile) did."""
     flo, color = out_dir / "flo" / f"{name}.flo", out_dir / "color" / f"{name}.png"
     flow = flow.float().cpu()
     write_flo(flo, flow.permute(1, 2, 0).numpy())
@@ -359,11 +305,29 @@ def write_pair(
         flo=str(flo),
         color=str(color),
         warm_start=warm,
-        # An explicit model (RAFT) has no solve to report.
-        solver_steps=float(stats.forward.steps.float().mean()) if stats else None,
-        rel_residual=float(stats.forward.rel_res.float().mean()) if stats else None,
-        best_step=float(stats.forward.nstep.float().mean()) if stats else None,
-        converged=bool(stats.forward.converged.all()) if stats else None,
-        max_iter=int(stats.forward.max_iter) if stats else None,
         solved_size=list(solved_size),
+        tiles=1 if tiling is None else len(tiling.boxes),
+        tiling=None
+        if tiling is None
+        else {"tile_size": list(tiling.shape), "overlap": tiling.overlap, "batch": tiling.batch},
+        **solver_fields(stats),
     )
+
+
+def solver_fields(stats: Sequence[DEQStats]) -> dict:
+    """:class:`PairResult`'s solver fields over every sample of every forward: one per tile."""
+    if not stats:  # an explicit model (RAFT) has no solve to report
+        return {"solver_steps": None, "rel_residual": None}
+
+    def per_solve(key: str) -> torch.Tensor:
+        return torch.cat([getattr(s.forward, key).flatten().float().cpu() for s in stats])
+
+    converged = per_solve("converged")
+    return {
+        "solver_steps": float(per_solve("steps").mean()),
+        "rel_residual": float(per_solve("rel_res").mean()),
+        "best_step": float(per_solve("nstep").mean()),
+        "converged": bool(converged.all()),
+        "tiles_converged": int(converged.sum()),
+        "max_iter": int(stats[0].forward.max_iter),
+    }

@@ -128,7 +128,7 @@ def test_predict_flow_max_side_solves_smaller_and_writes_full_size_flow(flow_run
 def test_predict_flow_refuses_a_pair_whose_correlation_volume_cannot_fit(
     flow_run, tmp_path, monkeypatch
 ):
-    import deq_lightning.app.predict_flow as predict_flow_module
+    import deq_lightning.app.flow_frames as predict_flow_module
 
     a, b = frames(tmp_path / "big", 2, size=(96, 160))
     # 96x160 needs 12*20 * (240 + 60 + 15) float32s (302 KB) of correlation; say 200 KB are free:
