@@ -126,7 +126,7 @@ def test_default_quick_writes_the_default_row(tmp_path, run_env):
     scores, equilibrium and costs in default.json (--quick: a few steps, marked quick)."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "flow.py"), "--default", "--quick", "--threads=1",
-         f"--out={tmp_path}"],
+         f"--out={tmp_path}", f"--runs={tmp_path / 'runs'}"],
         env={**run_env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -136,3 +136,9 @@ def test_default_quick_writes_the_default_row(tmp_path, run_env):
     assert doc["test/epe"] > 0 and doc["test/epe_zero"] > 0
     assert 0.0 <= doc["test/fwd_converged"] <= 1.0
     assert doc["wall_s"] > 0 and doc["cpu_s"] > 0 and doc["max_rss_mib"] > 0
+    # The budget sweep re-scores the tested checkpoint on the same test pairs: at the evaluation
+    # budget it must reproduce train.py's test/epe.
+    budgets = {row["max_iter"]: row for row in doc["eval_budgets"]}
+    assert sorted(budgets) == [6, 12, 24, 48]
+    assert budgets[24]["test/epe"] == pytest.approx(doc["test/epe"], rel=1e-4)
+    assert all(0.0 <= row["test/fwd_converged"] <= 1.0 for row in budgets.values())
