@@ -351,7 +351,9 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
 
 
 def run_sides(args: argparse.Namespace) -> None:
-    """--peer / --ablate: train every side, then write results.json, report.md and the plot."""
+    """--peer / --ablate: train every side; after each, write results.json, report.md and the
+    plot with the sides trained so far (``"complete": false`` until the last), so that a crash
+    or a kill in a later side loses nothing already measured."""
     load0 = os.getloadavg()
     base = base_overrides(args)
     sides = {"deq_flow": base}
@@ -360,21 +362,35 @@ def run_sides(args: argparse.Namespace) -> None:
     if args.ablate:
         sides.update({f"deq_flow+{k}": [*base, *ABLATIONS[k]] for k in args.ablate})
     kind = "ablation" if args.ablate and not args.peer else "peer"
-    rows = [
-        train_side(name, overrides, args.runs / kind, args) for name, overrides in sides.items()
-    ]
     cmd = f"OMP_NUM_THREADS={args.threads} python bench/flow.py {' '.join(sys.argv[1:])}".strip()
     commit = git_commit()  # per row: rows kept from earlier runs keep their own
+    rows: list[dict] = []
+    for name, overrides in sides.items():
+        row = train_side(name, overrides, args.runs / kind, args)
+        row["command"], row["commit"] = cmd, commit
+        rows.append(row)
+        write_sides(args, kind, cmd, rows, load0, complete=len(rows) == len(sides))
+
+
+def write_sides(
+    args: argparse.Namespace,
+    kind: str,
+    cmd: str,
+    rows: list[dict],
+    load0: Sequence[float],
+    complete: bool,
+) -> None:
+    """The JSON, report and plot of ``rows`` (the DEQ first), with the rows an earlier call kept."""
     for row in rows:
         # The Jacobian term's random projections draw from the generator the pairs come from.
         row["same_pairs_as_deq_flow"] = row["data_checksum"] == rows[0]["data_checksum"]
-        row["command"], row["commit"] = cmd, commit
     json_name, md_name, png_name = OUTPUTS[kind]
     rows = rows[:1] + kept_rows(args.out / json_name, rows, args) + rows[1:]
     sums = {r["data_checksum"] for r in rows if r["data_checksum"] is not None}
     result = {
         "command": cmd,
         "kind": kind,
+        "complete": complete,
         "quick": args.quick,
         "train_steps": args.train_steps,
         "threads": args.threads,
@@ -390,7 +406,8 @@ def run_sides(args: argparse.Namespace) -> None:
     (args.out / json_name).write_text(json.dumps(result, indent=1) + "\n")
     plot_curves(rows, args.out / png_name, f"{args.experiment}: {kind}")
     write_side_report(result, args.out / md_name, png_name)
-    print(f"[flow] wrote {args.out / md_name}", file=sys.stderr, flush=True)
+    done = "" if complete else f" ({len(rows)} sides so far)"
+    print(f"[flow] wrote {args.out / md_name}{done}", file=sys.stderr, flush=True)
 
 
 def kept_rows(path: Path, rows: list[dict], args: argparse.Namespace) -> list[dict]:
@@ -442,6 +459,11 @@ def write_side_report(result: dict, path: Path, png_name: str) -> None:
         f"{result['load_average_end'][0]:.2f} at the end. Training steps: {steps}"
         f"{' (--quick: a smoke run, not a measurement)' if result['quick'] else ''}. Same "
         f"training pairs on every side (data checksum): {fmt(result['same_training_pairs'])}.",
+        *(
+            []
+            if result.get("complete", True)
+            else ["", "**Incomplete:** the run stopped before its last side; these rows stand."]
+        ),
         "",
         markdown_table(headers, table),
         "",

@@ -84,7 +84,7 @@ def test_the_readme_flow_block_shows_the_real_pair_or_says_not_measured(monkeypa
 
 
 @pytest.mark.slow
-def test_peer_quick_trains_both_sides_on_the_same_pairs_and_reports(tmp_path, run_env):
+def test_peer_quick_trains_both_sides_on_the_same_pairs_and_reports(tmp_path, run_env, flow_bench):
     out, runs = tmp_path / "flow", tmp_path / "runs"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "flow.py"), "--peer", "raft_small", "--quick",
@@ -118,6 +118,16 @@ def test_peer_quick_trains_both_sides_on_the_same_pairs_and_reports(tmp_path, ru
     assert "| deq_flow" in report and "| raft_small" in report
     assert "Motorcycle x0.25 EPE / zero" in report and " px = " in report
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["complete"] is True and "Incomplete" not in report
+    # After each side the results are written as they stand: a kill in the second side keeps
+    # the first, marked incomplete.
+    args = flow_bench.argparse.Namespace(
+        out=tmp_path / "partial", train_steps=None, quick=True, threads=1, experiment="flow_tiny"
+    )
+    flow_bench.write_sides(args, "peer", "cmd", [deq], (0.0, 0.0, 0.0), complete=False)
+    partial = json.loads((tmp_path / "partial" / "results.json").read_text())
+    assert partial["complete"] is False and [r["name"] for r in partial["rows"]] == ["deq_flow"]
+    assert "**Incomplete:**" in (tmp_path / "partial" / "report.md").read_text()
 
 
 @pytest.mark.slow
