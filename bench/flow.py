@@ -201,6 +201,8 @@ ABLATIONS: dict[str, list[str]] = {
     ],
     "hidden_96": ["model.hidden_dim=96"],
     "budget_24": ["solver.max_iter=24"],
+    # Supervise states twice as deep, the evaluation budget still twice the training one.
+    "budget_24_eval_48": ["solver.max_iter=24", "solver.eval_opts.max_iter=48"],
     "damped_0.5": ["solver.damping=0.5"],
     "context_init+jacobian": [
         "model.hidden_init=context",

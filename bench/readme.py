@@ -206,6 +206,29 @@ def real_flow_cell(row: dict, scale: float) -> str:
     )
 
 
+def render_flow_budgets(fd: dict) -> list[str]:
+    """The default run's tested checkpoint re-scored at other solver budgets (eval_budgets)."""
+    rows = [
+        [
+            b["max_iter"],
+            f"{b['test/epe']:.2f}",
+            f"{b['test/epe_vs_zero']:.3f}",
+            f"{b['test/fwd_res_p50']:.4f}",
+            pct(b["test/fwd_converged"]),
+        ]
+        for b in fd["eval_budgets"]
+    ]
+    return [
+        f"The tested checkpoint of {code('python train.py experiment=flow_tiny')} re-scored on its"
+        f" test pairs at other solver budgets ({code('OMP_NUM_THREADS=2 ' + fd['command'])},"
+        " `reports/flow/default.json`, `eval_budgets`):",
+        "",
+        *table(
+            ["solver iterations", "test EPE", "/ zero", "median rel. residual", "converged"], rows
+        ),
+    ]
+
+
 def render_flow_ablation(abl: dict) -> list[str]:
     base = abl["rows"][0]["overrides"]
     commands = list(dict.fromkeys(r["command"] for r in abl["rows"]))
@@ -553,6 +576,9 @@ BLOCKS: dict[str, Block] = {
     ),
     "flow": Block(
         ("reports/flow/results.json",), (*TRAINING_CODE, "bench/flow.py"), render_flow_peer
+    ),
+    "flow-budgets": Block(
+        ("reports/flow/default.json",), (*TRAINING_CODE, "bench/flow.py"), render_flow_budgets
     ),
     "flow-ablation": Block(
         ("reports/flow/ablation.json",), (*TRAINING_CODE, "bench/flow.py"), render_flow_ablation

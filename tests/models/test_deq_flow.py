@@ -83,6 +83,23 @@ def test_all_grad_lets_gradient_through_the_flow() -> None:
     assert not torch.allclose(grads[0], grads[1])
 
 
+def test_all_grad_is_inert_with_one_phantom_step() -> None:
+    """One phantom step starts from the solver's state, which has no history: detaching its flow
+    changes nothing, so ``all_grad`` gives the same gradients there (flow_tiny's training)."""
+    img1, img2 = frames(1)
+    target = torch.full((1, 2, 64, 64), 2.0)
+    grads = []
+    for all_grad in (False, True):
+        torch.manual_seed(0)
+        opts = {"steps": 1, "tau": 0.8}
+        model = tiny(all_grad=all_grad, n_states=3, deq={**FAST_DEQ, "backward_opts": opts})
+        out, _ = model(img1, img2)
+        fixed_point_correction_loss(out["flow_preds"], target).backward()
+        grads.append([p.grad.clone() for p in model.update_block.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert any(g.abs().sum() > 0 for g in grads[0])
+
+
 def test_residual_term_is_the_flow_update_in_pixels() -> None:
     """``compute_residual_loss`` on DEQ-Flow measures f's flow update at the last state (x8, in
     full-resolution pixels), not the hidden state's change, and trains the update block."""
