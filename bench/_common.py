@@ -339,10 +339,14 @@ def step_peak_mib(run_dir: Path, threads: int) -> float | None:
     return peak_memory_mib([prepare], torch.device("cpu"), threads)[0]
 
 
-def train_target(experiment: str, threads: int, overrides: Sequence[str] = ()) -> dict:
+def train_target(
+    experiment: str, threads: int, overrides: Sequence[str] = (), run_dir: Path | None = None
+) -> dict:
     """``train.py experiment=<experiment> [overrides]`` in a fresh process: wall and CPU time,
-    peak RSS and final metrics."""
+    peak RSS and final metrics. ``run_dir`` keeps the run there (it must not exist); by default
+    it goes to a temporary directory."""
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_train([f"experiment={experiment}", *overrides], Path(tmp) / "run", threads)
+        where = run_dir if run_dir is not None else Path(tmp) / "run"
+        res = run_train([f"experiment={experiment}", *overrides], where, threads)
     costs = {k: res[k] for k in ("wall_s", "cpu_s", "max_rss_mib")}
     return {**costs, **res["metrics"]}
