@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from deq_lightning.datamodules.checks import check_train_size
 from deq_lightning.datamodules.common import eval_loader, per_device_batch_size
+from deq_lightning.metrics.flow import flow_length
 
 # Photographs and textures that ship inside scikit-image (no download). Validation and test use
 # images never seen in training, so their EPE measures matching, not memorisation.
@@ -250,7 +251,7 @@ class SyntheticFlowDataModule(pl.LightningDataModule):
         total, count = 0.0, 0
         for i in range(len(dataset)):
             flow = dataset[i]["flow"]
-            total += float(torch.linalg.vector_norm(flow, dim=0).double().sum())
+            total += float(flow_length(flow, dim=0).double().sum())
             count += flow[0].numel()
         return total / count
 

@@ -47,6 +47,7 @@ from torchvision.models.optical_flow.raft import (
 )
 
 from deq_lightning.deq import DEQ, apply_weight_norm
+from deq_lightning.metrics.flow import flow_length
 from deq_lightning.models.contract import ModelOutput
 from deq_lightning.models.flow_layers import (
     UPSAMPLE,
@@ -285,7 +286,7 @@ def fixed_point_correction_loss(
     """
     if not flow_preds:
         raise ValueError("fixed_point_correction_loss needs at least one flow prediction")
-    mask = torch.linalg.vector_norm(flow_gt, dim=1) < max_flow
+    mask = flow_length(flow_gt) < max_flow
     if valid is not None:
         mask = mask & (valid >= 0.5)
     mask = mask[:, None].to(flow_gt.dtype)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deq_lightning.deq import deq_override
-from deq_lightning.metrics import finalize_flow_metrics, flow_metric_sums
+from deq_lightning.metrics import finalize_flow_metrics, flow_length, flow_metric_sums
 from deq_lightning.models.deq_flow import DEQFlow, fixed_point_correction_loss, forward_interpolate
 from deq_lightning.models.flow_layers import InputPadder, convex_upsample
 
@@ -294,6 +294,16 @@ def test_flow_metrics_by_hand() -> None:
     assert sparse["image_epe"].item() == pytest.approx(10.5 / 3)
     assert sparse["f1_all"].item() == pytest.approx(100 * 1 / 3)
     assert sums["pixels"].dtype == torch.int64 and sums["epe_sum"].dtype == torch.float64
+
+
+def test_flow_length_is_the_vector_norm() -> None:
+    g = torch.Generator().manual_seed(0)
+    flow = torch.randn(3, 2, 5, 7, generator=g) * 50
+    torch.testing.assert_close(flow_length(flow), torch.linalg.vector_norm(flow, dim=1))
+    torch.testing.assert_close(
+        flow_length(flow[0], dim=0), torch.linalg.vector_norm(flow[0], dim=0)
+    )
+    assert flow_length(torch.tensor([[3.0], [-4.0]]), dim=0).item() == 5.0
 
 
 def test_metric_sums_add_up_across_batches() -> None:
