@@ -249,14 +249,15 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def peer_overrides(peer: str, experiment: str) -> list[str]:
-    """``model=<peer>`` with the DEQ's correlation levels and its solver budgets as RAFT's
-    training and evaluation iterations (derived from the experiment, not copied)."""
+    """``model=<peer>`` with the DEQ's correlation levels and its evaluation budget as RAFT's
+    evaluation iterations (derived from the experiment, not copied). RAFT trains with its own
+    iteration count (the model config's ``num_iters``, RAFT's 12): the DEQ's training solve is a
+    no-grad budget, not a number of backpropagated steps, so copying it would not match RAFT."""
     model, solver, _ = model_config(experiment, "phantom")
     eval_iters = (solver.get("eval_opts") or {}).get("max_iter", solver["max_iter"])
     return [
         f"model={peer}",
         f"model.corr_levels={model['corr_levels']}",
-        f"model.num_iters={solver['max_iter']}",
         f"model.eval_iters={eval_iters}",
     ]
 
@@ -732,15 +733,26 @@ def train_default(args: argparse.Namespace) -> None:
     """--default: ``train.py experiment=<experiment>`` with no other override, as a user runs it
     (the README's "<= 0.5x the zero flow's EPE in <= 10 minutes on 2 cores" target)."""
     load0 = os.getloadavg()
-    run_dir = args.runs / f"default_{args.experiment}"
+    # Another --seed (model initialisation and training pairs; the evaluation pairs stay the
+    # data config's) measures how much the result owes to seed 0: default_seed<N>.json.
+    seeded = () if args.seed == 0 else (f"seed={args.seed}",)
+    suffix = "" if args.seed == 0 else f"_seed{args.seed}"
+    run_dir = args.runs / f"default_{args.experiment}{suffix}"
     shutil.rmtree(run_dir, ignore_errors=True)
     (args.runs / f"{run_dir.name}.log").unlink(missing_ok=True)
-    r = train_target(args.experiment, args.threads, QUICK if args.quick else (), run_dir)
+    overrides = (*(QUICK if args.quick else ()), *seeded)
+    r = train_target(args.experiment, args.threads, overrides, run_dir)
     load1 = os.getloadavg()
     keys = ("epe", "epe_zero", "1px", "3px", "5px", "fwd_converged", "fwd_res_p50", "fwd_steps")
     result = {
         "command": f"python bench/flow.py {' '.join(sys.argv[1:])}".strip(),
-        "run": f"OMP_NUM_THREADS={args.threads} python train.py experiment={args.experiment}",
+        "run": " ".join(
+            [
+                f"OMP_NUM_THREADS={args.threads} python train.py experiment={args.experiment}",
+                *seeded,
+            ]
+        ),
+        "seed": args.seed,
         "commit": git_commit(),
         "quick": args.quick,
         "threads": args.threads,
@@ -753,7 +765,7 @@ def train_default(args: argparse.Namespace) -> None:
         "eval_budgets": eval_budgets(run_dir),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "default.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / f"default{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 

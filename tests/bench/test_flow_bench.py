@@ -21,12 +21,12 @@ def flow_bench(monkeypatch):
     return module
 
 
-def test_peer_takes_the_deq_levels_and_budgets_from_the_experiment(flow_bench):
+def test_peer_takes_the_deq_levels_and_eval_budget_from_the_experiment(flow_bench):
     model, solver, _ = flow_bench.model_config("flow_tiny", "phantom")
     overrides = dict(o.split("=", 1) for o in flow_bench.peer_overrides("raft_small", "flow_tiny"))
     assert overrides["model"] == "raft_small"
     assert int(overrides["model.corr_levels"]) == model["corr_levels"]
-    assert int(overrides["model.num_iters"]) == solver["max_iter"]
+    assert "model.num_iters" not in overrides  # RAFT trains with its own 12 iterations
     assert int(overrides["model.eval_iters"]) == solver["eval_opts"]["max_iter"]
 
 
@@ -131,24 +131,28 @@ def test_peer_quick_trains_both_sides_on_the_same_pairs_and_reports(tmp_path, ru
 
 
 @pytest.mark.slow
-def test_default_quick_writes_the_default_row(tmp_path, run_env):
+def test_default_quick_writes_the_default_row(tmp_path, run_env, flow_bench):
     """bench/flow.py --default: train.py at the experiment's defaults in a fresh process, its
-    scores, equilibrium and costs in default.json (--quick: a few steps, marked quick)."""
+    scores, equilibrium and costs in default.json (--quick: a few steps, marked quick); another
+    --seed adds only ``seed=N`` and writes default_seed<N>.json."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "flow.py"), "--default", "--quick", "--threads=1",
-         f"--out={tmp_path}", f"--runs={tmp_path / 'runs'}"],
+         "--seed=1", f"--out={tmp_path}", f"--runs={tmp_path / 'runs'}"],
         env={**run_env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    doc = json.loads((tmp_path / "default.json").read_text())
-    assert doc["quick"] is True and doc["threads"] == 1
-    assert doc["run"] == "OMP_NUM_THREADS=1 python train.py experiment=flow_tiny"
+    assert not (tmp_path / "default.json").exists()
+    doc = json.loads((tmp_path / "default_seed1.json").read_text())
+    assert doc["quick"] is True and doc["threads"] == 1 and doc["seed"] == 1
+    assert doc["run"] == "OMP_NUM_THREADS=1 python train.py experiment=flow_tiny seed=1"
     assert doc["test/epe"] > 0 and doc["test/epe_zero"] > 0
     assert 0.0 <= doc["test/fwd_converged"] <= 1.0
     assert doc["wall_s"] > 0 and doc["cpu_s"] > 0 and doc["max_rss_mib"] > 0
     # The budget sweep re-scores the tested checkpoint on the same test pairs: at the evaluation
     # budget it must reproduce train.py's test/epe.
+    _, solver, _ = flow_bench.model_config("flow_tiny", "phantom")
+    train_iter, eval_iter = solver["max_iter"], solver["eval_opts"]["max_iter"]
     budgets = {row["max_iter"]: row for row in doc["eval_budgets"]}
-    assert sorted(budgets) == [6, 12, 24, 48]
-    assert budgets[24]["test/epe"] == pytest.approx(doc["test/epe"], rel=1e-4)
+    assert sorted(budgets) == sorted({train_iter // 2, train_iter, eval_iter, 2 * eval_iter})
+    assert budgets[eval_iter]["test/epe"] == pytest.approx(doc["test/epe"], rel=1e-4)
     assert all(0.0 <= row["test/fwd_converged"] <= 1.0 for row in budgets.values())
