@@ -229,6 +229,30 @@ def render_flow_budgets(fd: dict) -> list[str]:
     ]
 
 
+def render_flow_seeds(*runs: dict) -> list[str]:
+    """The default run at other seeds (bench/flow.py --default --seed N): how much the
+    at-or-below-0.5x result owes to seed 0."""
+    rows = [
+        [
+            r.get("seed", 0),
+            f"{r['test/epe'] / r['test/epe_zero']:.3f}",
+            f"{r['val/epe'] / r['val/epe_zero']:.3f}",
+            pct(r["test/fwd_converged"]),
+            f"{r['wall_s'] / 60:.1f} min, {r['threads']} thread(s),"
+            f" load {r['load_average_start'][0]:.1f}",
+            code(f"OMP_NUM_THREADS={r['threads']} {r['command']}"),
+        ]
+        for r in runs
+    ]
+    headers = ["seed", "test EPE / zero", "val EPE / zero", "converged", "wall", "command"]
+    return [
+        f"{code('python train.py experiment=flow_tiny')} at other seeds (model initialisation and"
+        " training pairs; the evaluation pairs stay the same):",
+        "",
+        *table(headers, rows),
+    ]
+
+
 def render_flow_ablation(abl: dict) -> list[str]:
     base = abl["rows"][0]["overrides"]
     commands = list(dict.fromkeys(r["command"] for r in abl["rows"]))
@@ -579,6 +603,11 @@ BLOCKS: dict[str, Block] = {
     ),
     "flow-budgets": Block(
         ("reports/flow/default.json",), (*TRAINING_CODE, "bench/flow.py"), render_flow_budgets
+    ),
+    "flow-seeds": Block(
+        ("reports/flow/default.json", "reports/flow/default_seed1.json"),
+        (*TRAINING_CODE, "bench/flow.py"),
+        render_flow_seeds,
     ),
     "flow-ablation": Block(
         ("reports/flow/ablation.json",), (*TRAINING_CODE, "bench/flow.py"), render_flow_ablation

@@ -89,7 +89,7 @@ class Predictor:
             f"{self.run.run_dir}: {self.converged:.1%} of the samples reached their fixed point, "
             f"below the run's {self.min_converged:.0%} (callbacks.equilibrium.min_converged): "
             "these outputs are an unrolled network's, not an equilibrium's. Try: "
-            + "; ".join(remedies(self.task, summary))
+            + "; ".join(remedies(self.task, summary, "predict"))
         )
 
     def images(self, x: Tensor, name: str = "images") -> tuple[Tensor, bool]:

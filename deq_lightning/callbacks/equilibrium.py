@@ -42,8 +42,14 @@ def describe(stage: str, summary: dict[str, Any]) -> str:
     )
 
 
-def remedies(pl_module: pl.LightningModule, summary: dict[str, Any]) -> list[str]:
-    """The config changes that move a DEQ back to its fixed point, given what it uses now."""
+def remedies(
+    pl_module: pl.LightningModule, summary: dict[str, Any], stage: str | None = None
+) -> list[str]:
+    """The config changes that move a DEQ back to its fixed point, given what it uses now.
+
+    ``stage`` (``train``, ``val/<set>``, ``predict``, ...) names the budget that ran out: the
+    training solve's (``solver.max_iter``) or an evaluation's (``solver.eval_opts.max_iter``);
+    doubling one must not suggest shrinking the other. ``None``: both."""
     out = []
     schedule = getattr(pl_module, "schedule", None)
     weight = getattr(schedule, "jac_loss_weight", 0.0)
@@ -56,10 +62,16 @@ def remedies(pl_module: pl.LightningModule, summary: dict[str, Any]) -> list[str
         )
     budget = summary.get("max_iter")
     more = f"={2 * budget}" if budget else ""
-    out.append(
-        f"a larger solver budget: solver.max_iter{more} (training) or "
-        f"solver.eval_opts.max_iter{more} (evaluation)"
-    )
+    kind = None if stage is None else stage.split("/")[0] == "train"
+    if kind is None:
+        out.append(
+            f"a larger solver budget: solver.max_iter{more} (training) or "
+            f"solver.eval_opts.max_iter{more} (evaluation)"
+        )
+    elif kind:
+        out.append(f"a larger training solver budget: solver.max_iter{more}")
+    else:
+        out.append(f"a larger evaluation solver budget: solver.eval_opts.max_iter{more}")
     model = getattr(pl_module, "model", None)
     if model is not None and getattr(model, "pre_lnorm", True) is False:
         out.append("pre-layer-norm: model.pre_lnorm=true")
@@ -140,6 +152,7 @@ class EquilibriumMonitor(pl.Callback):
                     f"NOT at equilibrium. {line}. Below {self.min_converged:.0%}, the outputs "
                     "are those of an unrolled network, not of a fixed point.",
                     key=f"{stage}:final",
+                    stage=stage,
                 )
 
     def state_dict(self) -> dict[str, Any]:
@@ -175,6 +188,7 @@ class EquilibriumMonitor(pl.Callback):
                     f"DEQ not at equilibrium ({epoch}). {line}; below the {self.min_converged:.0%} "
                     "threshold (callbacks.equilibrium.min_converged).",
                     key=f"{name}:converged",
+                    stage=name,
                 )
             history = self.history.setdefault(name, [])
             history.append(summary["res_p50"])
@@ -187,6 +201,7 @@ class EquilibriumMonitor(pl.Callback):
                     f"for {self.trend_patience} epochs in a row, from {min(history):.2g} to "
                     f"{history[-1]:.2g}. {line}.",
                     key=f"{name}:trend",
+                    stage=name,
                 )
 
     def _trending_up(self, history: list[float]) -> bool:
@@ -206,9 +221,10 @@ class EquilibriumMonitor(pl.Callback):
         summary: dict[str, Any],
         text: str,
         key: str,
+        stage: str,
     ) -> None:
         """A warning (once per ``key``) followed by the remedies for ``pl_module``."""
-        remedy = "; ".join(remedies(pl_module, summary))
+        remedy = "; ".join(remedies(pl_module, summary, stage))
         self._say(trainer, f"{text} Try: {remedy}", warn=True, key=key)
 
     def _say(self, trainer: pl.Trainer, text: str, warn: bool, key: str | None = None) -> None:

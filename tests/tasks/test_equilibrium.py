@@ -103,6 +103,11 @@ def test_remedies_follow_the_config():
     assert "now 0.7" in text and "solver.max_iter=20" in text and "solver=anderson" in text
     assert "max_iter_jitter" not in text
     assert "task.residual_loss_weight=0.1" in text
+    # The budget that ran out is the one to double: the training solve's or an evaluation's.
+    train_text = "; ".join(remedies(task, summary, "train"))
+    assert "solver.max_iter=20" in train_text and "eval_opts" not in train_text
+    eval_text = "; ".join(remedies(task, summary, "val/sintel"))
+    assert "solver.eval_opts.max_iter=20" in eval_text and " solver.max_iter" not in eval_text
     text = "; ".join(remedies(task_for(gain=0.5, residual_loss_weight=0.3), summary))
     assert "residual_loss_weight, now 0.3" in text
     line = describe("val", {"converged": 0.5, "res_p50": 1e-3, "res_p90": 1e-2, "res_max": 0.1,
