@@ -605,7 +605,11 @@ BLOCKS: dict[str, Block] = {
         ("reports/flow/default.json",), (*TRAINING_CODE, "bench/flow.py"), render_flow_budgets
     ),
     "flow-seeds": Block(
-        ("reports/flow/default.json", "reports/flow/default_seed1.json"),
+        (
+            "reports/flow/default.json",
+            "reports/flow/default_seed1.json",
+            "reports/flow/default_seed2.json",
+        ),
         (*TRAINING_CODE, "bench/flow.py"),
         render_flow_seeds,
     ),
