@@ -62,16 +62,10 @@ def remedies(
         )
     budget = summary.get("max_iter")
     more = f"={2 * budget}" if budget else ""
-    kind = None if stage is None else stage.split("/")[0] == "train"
-    if kind is None:
-        out.append(
-            f"a larger solver budget: solver.max_iter{more} (training) or "
-            f"solver.eval_opts.max_iter{more} (evaluation)"
-        )
-    elif kind:
-        out.append(f"a larger training solver budget: solver.max_iter{more}")
-    else:
-        out.append(f"a larger evaluation solver budget: solver.eval_opts.max_iter{more}")
+    training = None if stage is None else stage.split("/")[0] == "train"
+    keys = [f"solver.max_iter{more} (training)"] if training is not False else []
+    keys += [f"solver.eval_opts.max_iter{more} (evaluation)"] if not training else []
+    out.append("a larger solver budget: " + " or ".join(keys))
     model = getattr(pl_module, "model", None)
     if model is not None and getattr(model, "pre_lnorm", True) is False:
         out.append("pre-layer-norm: model.pre_lnorm=true")
