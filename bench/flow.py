@@ -32,14 +32,16 @@ Side by side with RAFT, trained (``--peer``) and ablated (``--ablate``)::
 
 ``--peer`` trains ``experiment=flow_tiny``'s DEQ-Flow and each peer (torchvision's RAFT,
 ``model=raft_small`` / ``raft_large``, randomly initialised, RAFT's sequence loss over its
-iterations, the DEQ's correlation levels and solver budgets as its iteration counts) through
-``train.py``, one fresh process each, on the same DataModule, crops, augmentation, batches
-(``task.train_seed``; checked with ``train/data_checksum``), steps, optimizer, schedule and seed.
-``--train-steps`` shortens the schedule (the one-cycle schedule then spans those steps).
-``--ablate`` trains DEQ-Flow variants (what each ingredient is worth) on the same stream. Both
-write ``<out>/results.json``, ``report.md`` and ``learning_curve.png`` (``--ablate`` alone:
-``ablation.json``, ``.md``, ``.png``), the curve (validation EPE over the
-zero flow's, from the runs' CSV logs); runs are kept under ``bench/results/flow_runs/<peer|ablation>`` (ignored).
+iterations, the DEQ's correlation levels, RAFT's own 12 training iterations and the DEQ's
+evaluation budget) through ``train.py``, one fresh process each, on the same DataModule, crops,
+augmentation, batches (``task.train_seed``; checked with ``train/data_checksum``), steps,
+optimizer, schedule and seed. ``--train-steps`` shortens the schedule (the one-cycle schedule then
+spans those steps). ``--ablate`` trains DEQ-Flow variants (what each ingredient is worth) on the
+same stream. Both write ``<out>/results.json``, ``report.md`` and ``learning_curve.png``
+(``--ablate`` alone: ``ablation.json``, ``.md``, ``.png``; ``--seed N`` other than 0 adds
+``_seed<N>`` to each name, so that seeds run side by side keep their own), the curve (validation
+EPE over the zero flow's, from the runs' CSV logs); runs are kept under
+``bench/results/flow_runs/<peer|ablation>[_seed<N>]`` (ignored).
 
 Real photographs: after training, each side's model (``deq_lightning.load`` of its run: the
 best-validation checkpoint) predicts the flow of the Middlebury 2014 Motorcycle stereo pair that
@@ -201,6 +203,8 @@ ABLATIONS: dict[str, list[str]] = {
         "task.jac_loss_freq=0.5",
     ],
     "hidden_96": ["model.hidden_dim=96"],
+    # RAFT-small's motion-encoder and flow-head widths (SIZES["tiny_wide"]), hidden width kept.
+    "wide_update": ["model.size=tiny_wide"],
     "budget_24": ["solver.max_iter=24"],
     # Supervise states twice as deep, the evaluation budget still twice the training one.
     "budget_24_eval_48": ["solver.max_iter=24", "solver.eval_opts.max_iter=48"],
@@ -235,6 +239,14 @@ OUTPUTS = {
     "peer": ("results.json", "report.md", "learning_curve.png"),
     "ablation": ("ablation.json", "ablation.md", "ablation.png"),
 }
+
+
+def output_names(kind: str, seed: int) -> tuple[str, str, str]:
+    """OUTPUTS[kind], with ``_seed<N>`` before each suffix for a seed other than 0: each seed of
+    a side-by-side run keeps its own report (a single seed's ranking can be the seed's)."""
+    if seed == 0:
+        return OUTPUTS[kind]
+    return tuple(f"{Path(n).stem}_seed{seed}{Path(n).suffix}" for n in OUTPUTS[kind])
 
 
 def base_overrides(args: argparse.Namespace) -> list[str]:
@@ -370,7 +382,9 @@ def run_sides(args: argparse.Namespace) -> None:
     commit = git_commit()  # per row: rows kept from earlier runs keep their own
     rows: list[dict] = []
     for name, overrides in sides.items():
-        row = train_side(name, overrides, args.runs / kind, args)
+        row = train_side(
+            name, overrides, args.runs / Path(output_names(kind, args.seed)[0]).stem, args
+        )
         row["command"], row["commit"] = cmd, commit
         rows.append(row)
         write_sides(args, kind, cmd, rows, load0, complete=len(rows) == len(sides))
@@ -388,7 +402,7 @@ def write_sides(
     for row in rows:
         # The Jacobian term's random projections draw from the generator the pairs come from.
         row["same_pairs_as_deq_flow"] = row["data_checksum"] == rows[0]["data_checksum"]
-    json_name, md_name, png_name = OUTPUTS[kind]
+    json_name, md_name, png_name = output_names(kind, args.seed)
     rows = rows[:1] + kept_rows(args.out / json_name, rows, args) + rows[1:]
     sums = {r["data_checksum"] for r in rows if r["data_checksum"] is not None}
     result = {

@@ -253,6 +253,41 @@ def render_flow_seeds(*runs: dict) -> list[str]:
     ]
 
 
+def render_flow_peer_seeds(*runs: dict) -> list[str]:
+    """``bench/flow.py --peer`` (or ``--ablate``) at several seeds: DEQ-Flow against each peer
+    (or variant) per seed and on average, since a single seed's 400-step ranking can be the
+    seed's."""
+    names = [r["name"] for r in runs[0]["rows"]]
+    per_seed, scores = [], {n: [] for n in names}
+    for run in runs:
+        rows = {r["name"]: r for r in run["rows"]}
+        seed = next(o for o in rows[names[0]]["overrides"] if o.startswith("seed="))
+        cells = []
+        for n in names:
+            t, v = rows[n]["test/epe_vs_zero"], rows[n]["val/epe_vs_zero"]
+            scores[n].append((t, v))
+            cells.append(f"{t:.3f} / {v:.3f}")
+        per_seed.append([seed.removeprefix("seed="), *cells, code(run["command"])])
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    per_seed.append(
+        [
+            "mean",
+            *(
+                f"{mean([t for t, _ in scores[n]]):.3f} / {mean([v for _, v in scores[n]]):.3f}"
+                for n in names
+            ),
+            "",
+        ]
+    )
+    return [
+        f"`bench/flow.py --{'peer' if runs[0].get('kind', 'peer') == 'peer' else 'ablate'}` at"
+        f" {len(runs)} seeds ({runs[0]['train_steps']} steps each; the"
+        " seed sets model initialisation and training pairs, the evaluation pairs stay the same):",
+        "",
+        *table(["seed", *(f"`{n}` test / val EPE / zero" for n in names), "command"], per_seed),
+    ]
+
+
 def render_flow_ablation(abl: dict) -> list[str]:
     base = abl["rows"][0]["overrides"]
     commands = list(dict.fromkeys(r["command"] for r in abl["rows"]))
@@ -600,6 +635,23 @@ BLOCKS: dict[str, Block] = {
     ),
     "flow": Block(
         ("reports/flow/results.json",), (*TRAINING_CODE, "bench/flow.py"), render_flow_peer
+    ),
+    "flow-peer-seeds": Block(
+        (
+            "reports/flow/results.json",
+            "reports/flow/results_seed1.json",
+            "reports/flow/results_seed2.json",
+        ),
+        (*TRAINING_CODE, "bench/flow.py"),
+        render_flow_peer_seeds,
+    ),
+    "flow-update-width": Block(
+        tuple(
+            f"reports/flow/update_width/ablation{s}.json"
+            for s in ("", "_seed1", "_seed2", "_seed3")
+        ),
+        (*TRAINING_CODE, "bench/flow.py"),
+        render_flow_peer_seeds,
     ),
     "flow-budgets": Block(
         ("reports/flow/default.json",), (*TRAINING_CODE, "bench/flow.py"), render_flow_budgets

@@ -75,9 +75,14 @@ class FlowSize:
 
 
 # B/L/H: deq-flow code.v.2.0 (default, --large, --huge). "tiny" is ours, for CPU runs: the
-# motion widths of deq-flow's --tiny with encoders at half width.
+# motion widths of deq-flow's --tiny with encoders at half width. "tiny_wide" is tiny with an
+# update block about as wide as torchvision's RAFT-small (correlation branch 96 then 64, flow
+# branch 64/32, motion output 80, flow head 128; RAFT-small: 96, 64/32, 82, 128): 0.94M
+# parameters at 3 levels against RAFT-small's 0.99M. The update block runs at 1/8 resolution,
+# so the width costs little time (reports/flow/update_width/ measures what it buys).
 SIZES: dict[str, FlowSize] = {
     "tiny": FlowSize((32, 32, 48, 64), 64, 32, (64, 48), (32, 16), 32, 64, 64),
+    "tiny_wide": FlowSize((32, 32, 48, 64), 64, 32, (96, 64), (64, 32), 80, 128, 64),
     "B": FlowSize((64, 64, 96, 128), 256, 128, (256, 192), (128, 64), 128, 256, 256),
     "L": FlowSize((64, 64, 96, 128), 256, 192, (384, 288), (192, 96), 192, 384, 256),
     "H": FlowSize((64, 64, 96, 128), 256, 256, (512, 384), (256, 128), 256, 512, 256),

@@ -83,6 +83,34 @@ def test_the_readme_flow_block_shows_the_real_pair_or_says_not_measured(monkeypa
     assert "Middlebury 2014 stereo pair" in new
 
 
+def test_the_readme_peer_seeds_block_shows_each_seed_and_the_mean(monkeypatch):
+    spec = importlib.util.spec_from_file_location(
+        "bench_readme_seeds", ROOT / "bench" / "readme.py"
+    )
+    readme = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, readme)
+    spec.loader.exec_module(readme)
+
+    def run(seed: int, deq: tuple[float, float], raft: tuple[float, float]) -> dict:
+        rows = [
+            {"name": name, "overrides": ["experiment=flow_tiny", f"seed={seed}"],
+             "test/epe_vs_zero": t, "val/epe_vs_zero": v}
+            for name, (t, v) in (("deq_flow", deq), ("raft_small", raft))
+        ]  # fmt: skip
+        return {"command": f"python bench/flow.py --peer raft_small --seed {seed}",
+                "train_steps": 400, "rows": rows}  # fmt: skip
+
+    text = "\n".join(
+        readme.render_flow_peer_seeds(
+            run(0, (0.8, 0.7), (0.7, 0.5)), run(3, (0.9, 0.9), (0.8, 0.6))
+        )
+    )
+    assert "at 2 seeds (400 steps each" in text
+    assert "| 0 | 0.800 / 0.700 | 0.700 / 0.500 | `python bench/flow.py" in text
+    assert "| 3 | 0.900 / 0.900 | 0.800 / 0.600 |" in text
+    assert "| mean | 0.850 / 0.800 | 0.750 / 0.550 |  |" in text
+
+
 @pytest.mark.slow
 def test_peer_quick_trains_both_sides_on_the_same_pairs_and_reports(tmp_path, run_env, flow_bench):
     out, runs = tmp_path / "flow", tmp_path / "runs"
@@ -122,12 +150,26 @@ def test_peer_quick_trains_both_sides_on_the_same_pairs_and_reports(tmp_path, ru
     # After each side the results are written as they stand: a kill in the second side keeps
     # the first, marked incomplete.
     args = flow_bench.argparse.Namespace(
-        out=tmp_path / "partial", train_steps=None, quick=True, threads=1, experiment="flow_tiny"
+        out=tmp_path / "partial",
+        train_steps=None,
+        quick=True,
+        threads=1,
+        experiment="flow_tiny",
+        seed=0,
     )
     flow_bench.write_sides(args, "peer", "cmd", [deq], (0.0, 0.0, 0.0), complete=False)
     partial = json.loads((tmp_path / "partial" / "results.json").read_text())
     assert partial["complete"] is False and [r["name"] for r in partial["rows"]] == ["deq_flow"]
     assert "**Incomplete:**" in (tmp_path / "partial" / "report.md").read_text()
+    # Another seed writes its own files and leaves seed 0's alone.
+    args.seed = 3
+    flow_bench.write_sides(args, "peer", "cmd", [deq, raft], (0.0, 0.0, 0.0), complete=True)
+    seeded = json.loads((tmp_path / "partial" / "results_seed3.json").read_text())
+    assert seeded["complete"] is True and [r["name"] for r in seeded["rows"]] == [
+        "deq_flow", "raft_small"]  # fmt: skip
+    assert (tmp_path / "partial" / "report_seed3.md").is_file()
+    assert (tmp_path / "partial" / "learning_curve_seed3.png").is_file()
+    assert json.loads((tmp_path / "partial" / "results.json").read_text())["complete"] is False
 
 
 @pytest.mark.slow
