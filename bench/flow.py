@@ -241,12 +241,15 @@ OUTPUTS = {
 }
 
 
+def seed_suffix(seed: int) -> str:
+    """What a seed other than 0 adds to the names of its outputs and runs (``_seed<N>``), so that
+    seeds run side by side keep their own (a single seed's ranking can be the seed's)."""
+    return "" if seed == 0 else f"_seed{seed}"
+
+
 def output_names(kind: str, seed: int) -> tuple[str, str, str]:
-    """OUTPUTS[kind], with ``_seed<N>`` before each suffix for a seed other than 0: each seed of
-    a side-by-side run keeps its own report (a single seed's ranking can be the seed's)."""
-    if seed == 0:
-        return OUTPUTS[kind]
-    return tuple(f"{Path(n).stem}_seed{seed}{Path(n).suffix}" for n in OUTPUTS[kind])
+    """OUTPUTS[kind], with :func:`seed_suffix` before each file's extension."""
+    return tuple(f"{Path(n).stem}{seed_suffix(seed)}{Path(n).suffix}" for n in OUTPUTS[kind])
 
 
 def base_overrides(args: argparse.Namespace) -> list[str]:
@@ -382,9 +385,7 @@ def run_sides(args: argparse.Namespace) -> None:
     commit = git_commit()  # per row: rows kept from earlier runs keep their own
     rows: list[dict] = []
     for name, overrides in sides.items():
-        row = train_side(
-            name, overrides, args.runs / Path(output_names(kind, args.seed)[0]).stem, args
-        )
+        row = train_side(name, overrides, args.runs / f"{kind}{seed_suffix(args.seed)}", args)
         row["command"], row["commit"] = cmd, commit
         rows.append(row)
         write_sides(args, kind, cmd, rows, load0, complete=len(rows) == len(sides))
@@ -750,7 +751,7 @@ def train_default(args: argparse.Namespace) -> None:
     # Another --seed (model initialisation and training pairs; the evaluation pairs stay the
     # data config's) measures how much the result owes to seed 0: default_seed<N>.json.
     seeded = () if args.seed == 0 else (f"seed={args.seed}",)
-    suffix = "" if args.seed == 0 else f"_seed{args.seed}"
+    suffix = seed_suffix(args.seed)
     run_dir = args.runs / f"default_{args.experiment}{suffix}"
     shutil.rmtree(run_dir, ignore_errors=True)
     (args.runs / f"{run_dir.name}.log").unlink(missing_ok=True)
