@@ -30,15 +30,18 @@ Side by side with RAFT, trained (``--peer``) and ablated (``--ablate``)::
     OMP_NUM_THREADS=1 python bench/flow.py --ablate context_init jacobian --train-steps 200
     python bench/flow.py --peer raft_small --quick          # a smoke run of a few steps
 
-``--peer`` trains ``experiment=flow_tiny``'s DEQ-Flow and each peer (torchvision's RAFT,
+``--peer`` trains ``experiment=flow_tiny``'s DEQ-Flow, and for each peer (torchvision's RAFT,
 ``model=raft_small`` / ``raft_large``, randomly initialised, RAFT's sequence loss over its
 iterations, the DEQ's correlation levels, RAFT's own 12 training iterations and the DEQ's
-evaluation budget) through ``train.py``, one fresh process each, on the same DataModule, crops,
-augmentation, batches (``task.train_seed``; checked with ``train/data_checksum``), steps,
-optimizer, schedule and seed. ``--train-steps`` shortens the schedule (the one-cycle schedule then
+evaluation budget) the DEQ-Flow of its size (``MATCHING_DEQ``: ``deq_flow_small`` beside
+RAFT-small, ``deq_flow_B`` beside RAFT-large) and the peer itself, each through ``train.py`` in a
+fresh process, on the same DataModule, crops, augmentation, batches (``task.train_seed``; checked
+with ``train/data_checksum``), steps, optimizer, schedule and seed. ``--train-steps`` shortens the schedule (the one-cycle schedule then
 spans those steps). ``--ablate`` trains DEQ-Flow variants (what each ingredient is worth) on the
-same stream. Both write ``<out>/results.json``, ``report.md`` and ``learning_curve.png``
-(``--ablate`` alone: ``ablation.json``, ``.md``, ``.png``; ``--seed N`` other than 0 adds
+same stream. Each DEQ side is re-scored on the test pairs at four solver budgets
+(``eval_budgets``: does its estimate hold as the solve goes on?). Both write
+``<out>/results.json``, ``report.md`` and ``learning_curve.png`` (``--ablate`` alone:
+``ablation.json``, ``.md``, ``.png``; ``--seed N`` other than 0 adds
 ``_seed<N>`` to each name, so that seeds run side by side keep their own), the curve (validation
 EPE over the zero flow's, from the runs' CSV logs); runs are kept under
 ``bench/results/flow_runs/<peer|ablation>[_seed<N>]`` (ignored).
@@ -263,6 +266,21 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+# The DEQ-Flow of each peer's size, trained beside it (--peer): RAFT-small's encoders, widths and
+# pyramid radius as a DEQ (conf/model/deq_flow_small.yaml); RAFT-large's update operator is
+# DEQ-Flow-B's (the thesis's comparison). Both take the residual term over the second half of the
+# run, as flow_tiny's full schedule does (from step 1500 of 3000), which a short schedule would
+# otherwise never reach; the experiment's own DEQ (the `deq_flow` row) keeps its settings.
+RESIDUAL_SECOND_HALF = ["task.residual_loss_start=0.5"]
+MATCHING_DEQ: dict[str, tuple[str, list[str]]] = {
+    "raft_small": (
+        "deq_flow_small",
+        ["model=deq_flow_small", *RESIDUAL_SECOND_HALF],
+    ),
+    "raft_large": ("deq_flow_B", ["model.size=B", *RESIDUAL_SECOND_HALF]),
+}
+
+
 def peer_overrides(peer: str, experiment: str) -> list[str]:
     """``model=<peer>`` with the DEQ's correlation levels and its evaluation budget as RAFT's
     evaluation iterations (derived from the experiment, not copied). RAFT trains with its own
@@ -306,6 +324,8 @@ def train_side(name: str, overrides: list[str], runs: Path, args: argparse.Names
         },
         "real": real_scores(deq_lightning.load(run_dir), args.real_scales),
     }
+    if row["converged_fraction"] is not None:  # a DEQ: does its estimate hold as it solves on?
+        row["eval_budgets"] = eval_budgets(run_dir)
     for stage in ("val", "test"):
         epe, zero = row[f"{stage}/epe"], row[f"{stage}/epe_zero"]
         row[f"{stage}/epe_vs_zero"] = epe / zero if epe is not None and zero else None
@@ -377,6 +397,8 @@ def run_sides(args: argparse.Namespace) -> None:
     base = base_overrides(args)
     sides = {"deq_flow": base}
     for peer in args.peer or []:
+        name, overrides = MATCHING_DEQ[peer]
+        sides[name] = [*base, *overrides]
         sides[peer] = [*base, *peer_overrides(peer, args.experiment)]
     if args.ablate:
         sides.update({f"deq_flow+{k}": [*base, *ABLATIONS[k]] for k in args.ablate})
@@ -498,6 +520,14 @@ def write_side_report(result: dict, path: Path, png_name: str) -> None:
         "tolerance (`not measured`: a row from before this evaluation).",
         "",
         f"![learning curves]({png_name})",
+        "",
+        *(
+            f"`{r['name']}` test EPE / zero at solver budgets "
+            + ", ".join(f"{b['max_iter']}: {b['test/epe_vs_zero']:.3f}" for b in r["eval_budgets"])
+            + " (an estimate that holds at its fixed point stays level)."
+            for r in rows
+            if r.get("eval_budgets")
+        ),
         "",
         *(f"* `{r['name']}`: `train.py {' '.join(r['overrides'])}`" for r in rows),
         "",

@@ -155,8 +155,9 @@ def render_flow_peer(flow: dict) -> list[str]:
         ]
         for r in flow["rows"]
     ]
-    deq, peer = flow["rows"][0], flow["rows"][1]
-    ratio = lambda key: deq[key] / peer[key]  # noqa: E731
+    # Each DEQ row against the (first) peer: RAFT's rows have no converged fraction.
+    peer = next(r for r in flow["rows"] if r["converged_fraction"] is None)
+    deqs = [r for r in flow["rows"] if r["converged_fraction"] is not None]
     real = (
         "Motorcycle: real photographs with known motion, the Middlebury 2014 stereo pair that"
         " ships with scikit-image (`deq_lightning/datamodules/flow_real.py`; flow = (-disparity, 0)"
@@ -186,9 +187,13 @@ def render_flow_peer(flow: dict) -> list[str]:
             rows,
         ),
         "",
-        f"`{deq['name']}` / `{peer['name']}`: test EPE {ratio('test/epe_vs_zero'):.2f}x, val EPE"
-        f" {ratio('val/epe_vs_zero'):.2f}x, CPU time {ratio('cpu_s'):.2f}x, training-step"
-        f" memory {ratio('step_peak_mib'):.2f}x.",
+        *(
+            f"`{d['name']}` / `{peer['name']}`: test EPE {d['test/epe_vs_zero'] / peer['test/epe_vs_zero']:.2f}x,"
+            f" val EPE {d['val/epe_vs_zero'] / peer['val/epe_vs_zero']:.2f}x, CPU time"
+            f" {d['cpu_s'] / peer['cpu_s']:.2f}x, training-step memory"
+            f" {d['step_peak_mib'] / peer['step_peak_mib']:.2f}x."
+            for d in deqs
+        ),
         "",
         real,
     ]

@@ -37,12 +37,14 @@ import torch
 from scipy.interpolate import griddata
 from torch import Tensor, nn
 from torchvision.models.optical_flow.raft import (
+    BottleneckBlock,
     CorrBlock,
     FeatureEncoder,
     FlowHead,
     MaskPredictor,
     MotionEncoder,
     RecurrentBlock,
+    ResidualBlock,
     UpdateBlock,
 )
 
@@ -66,12 +68,15 @@ class FlowSize:
 
     encoder: tuple[int, int, int, int]  # encoder stages: stem (1/2), 1/2, 1/4, 1/8
     feature_dim: int  # feature-encoder output (the correlation features)
-    hidden_dim: int  # GRU hidden state; the context has the same width unless overridden
-    corr_layers: tuple[int, int]  # motion encoder, correlation branch
+    hidden_dim: int  # GRU hidden state
+    corr_layers: tuple[int, ...]  # motion encoder, correlation branch
     flow_layers: tuple[int, int]  # motion encoder, flow branch
     motion_dim: int  # motion encoder output
     flow_head_dim: int
     mask_dim: int  # hidden width of the upsampling-mask predictor
+    context_dim: int | None = None  # context (injection) width; None: hidden_dim
+    bottleneck: bool = False  # encoders of bottleneck blocks (RAFT-small's) instead of residual
+    gru_kernel: int | None = None  # one square ConvGRU kernel (RAFT-small: 3); None: 1x5 then 5x1
 
 
 # B/L/H: deq-flow code.v.2.0 (default, --large, --huge). "tiny" is ours, for CPU runs: the
@@ -79,10 +84,16 @@ class FlowSize:
 # update block about as wide as torchvision's RAFT-small (correlation branch 96 then 64, flow
 # branch 64/32, motion output 80, flow head 128; RAFT-small: 96, 64/32, 82, 128): 0.94M
 # parameters at 3 levels against RAFT-small's 0.99M. The update block runs at 1/8 resolution,
-# so the width costs little time (reports/flow/update_width/ measures what it buys).
+# so the width costs little time (reports/flow/update_width/ measures what it buys). "small" is
+# torchvision's raft_small as a DEQ (bottleneck encoders 32-32-64-96 with 128-d features, hidden
+# 96, context 64, a 3x3 ConvGRU, the same motion encoder and flow head), plus the convex
+# upsampling RAFT-small leaves out: the DEQ of matching size beside RAFT-small.
 SIZES: dict[str, FlowSize] = {
     "tiny": FlowSize((32, 32, 48, 64), 64, 32, (64, 48), (32, 16), 32, 64, 64),
     "tiny_wide": FlowSize((32, 32, 48, 64), 64, 32, (96, 64), (64, 32), 80, 128, 64),
+    "small": FlowSize(
+        (32, 32, 64, 96), 128, 96, (96,), (64, 32), 82, 128, 64, 64, bottleneck=True, gru_kernel=3
+    ),
     "B": FlowSize((64, 64, 96, 128), 256, 128, (256, 192), (128, 64), 128, 256, 256),
     "L": FlowSize((64, 64, 96, 128), 256, 192, (384, 288), (192, 96), 192, 384, 256),
     "H": FlowSize((64, 64, 96, 128), 256, 256, (512, 384), (256, 128), 256, 512, 256),
@@ -174,7 +185,7 @@ class DEQFlow(FlowModel):
         spec = SIZES[size]
         self.size = size
         self.hidden_dim = hidden_dim or spec.hidden_dim
-        self.context_dim = context_dim or self.hidden_dim
+        self.context_dim = context_dim or spec.context_dim or self.hidden_dim
         self.corr_levels, self.corr_radius = corr_levels, corr_radius
         self.n_states = n_states
         self.all_grad = all_grad
@@ -183,12 +194,17 @@ class DEQFlow(FlowModel):
         self.bn_frozen = False
         init_dim = self.hidden_dim if hidden_init == "context" else 0
 
+        block = BottleneckBlock if spec.bottleneck else ResidualBlock
         self.feature_encoder = FeatureEncoder(
-            layers=(*spec.encoder, spec.feature_dim), norm_layer=nn.InstanceNorm2d
+            block=block, layers=(*spec.encoder, spec.feature_dim), norm_layer=nn.InstanceNorm2d
         )
         self.context_encoder = FeatureEncoder(
-            layers=(*spec.encoder, self.context_dim + init_dim), norm_layer=nn.BatchNorm2d
+            block=block,
+            layers=(*spec.encoder, self.context_dim + init_dim),
+            norm_layer=nn.BatchNorm2d,
         )
+        k = spec.gru_kernel
+        gru = {} if k is None else {"kernel_size": (k,), "padding": (k // 2,)}
         self.update_block = UpdateBlock(
             motion_encoder=MotionEncoder(
                 in_channels_corr=corr_levels * (2 * corr_radius + 1) ** 2,
@@ -197,7 +213,7 @@ class DEQFlow(FlowModel):
                 out_channels=spec.motion_dim,
             ),
             recurrent_block=RecurrentBlock(
-                input_size=spec.motion_dim + self.context_dim, hidden_size=self.hidden_dim
+                input_size=spec.motion_dim + self.context_dim, hidden_size=self.hidden_dim, **gru
             ),
             flow_head=FlowHead(in_channels=self.hidden_dim, hidden_size=spec.flow_head_dim),
         )

@@ -70,7 +70,8 @@ def test_the_readme_flow_block_shows_the_real_pair_or_says_not_measured(monkeypa
            "converged_fraction": 0.0}  # fmt: skip
     doc = {"command": "python bench/flow.py --peer raft_small", "threads": 1, "train_steps": 4,
            "load_average_start": [1.0] * 3, "load_average_end": [2.0] * 3,
-           "same_training_pairs": True, "rows": [row, {**row, "name": "raft_small"}]}  # fmt: skip
+           "same_training_pairs": True, "rows": [row, {**row, "name": "raft_small",
+           "converged_fraction": None}]}  # fmt: skip
     old = "\n".join(readme.render_flow_peer(doc))
     assert "not measured, this JSON predates that evaluation" in old
     real = {"scale": 0.25, "size": [125, 185], "real_epe": 4.5, "real_epe_zero": 9.0,
@@ -81,6 +82,12 @@ def test_the_readme_flow_block_shows_the_real_pair_or_says_not_measured(monkeypa
     assert "| 4.50 / 9.00 px = 0.500x, 0% converged |" in new
     assert "| not measured |" in new  # raft_small's row predates the evaluation
     assert "Middlebury 2014 stereo pair" in new
+    # Every DEQ row is set against the peer (the row without a converged fraction).
+    small = {**row, "name": "deq_flow_small", "test/epe_vs_zero": 0.35, "cpu_s": 10.0}
+    doc["rows"].insert(1, small)
+    three = "\n".join(readme.render_flow_peer(doc))
+    assert "`deq_flow` / `raft_small`: test EPE 1.00x, val EPE 1.00x, CPU time 1.00x" in three
+    assert "`deq_flow_small` / `raft_small`: test EPE 0.50x, val EPE 1.00x, CPU time 2.00x" in three
 
 
 def test_the_readme_peer_seeds_block_shows_each_seed_and_the_mean(monkeypatch):
@@ -121,11 +128,28 @@ def test_peer_quick_trains_both_sides_on_the_same_pairs_and_reports(tmp_path, ru
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((out / "results.json").read_text())
-    deq, raft = result["rows"]
-    assert (deq["name"], raft["name"]) == ("deq_flow", "raft_small")
+    deq, small, raft = result["rows"]
+    assert (deq["name"], small["name"], raft["name"]) == (
+        "deq_flow",
+        "deq_flow_small",
+        "raft_small",
+    )
     assert result["same_training_pairs"] is True  # checksums of the training flows agree
     assert deq["data_checksum"] > 0
-    for row in (deq, raft):
+    # The DEQ of RAFT-small's size: within 10% of its parameters (the DEQ adds the convex mask).
+    assert "model=deq_flow_small" in small["overrides"]
+    assert 1.0 < small["params"] / raft["params"] < 1.1 and small["params"] > 1.3 * deq["params"]
+    # Each DEQ re-scored at four solver budgets; the evaluation budget reproduces its test/epe.
+    eval_iter = flow_bench.model_config("flow_tiny", "phantom")[1]["eval_opts"]["max_iter"]
+    for row in (deq, small):
+        budgets = {b["max_iter"]: b["test/epe"] for b in row["eval_budgets"]}
+        assert len(budgets) == 4
+        assert budgets[eval_iter] == pytest.approx(row["test/epe"], rel=1e-4)
+    assert (
+        "eval_budgets" not in raft
+        and "deq_flow_small` test EPE / zero at solver budgets" in (out / "report.md").read_text()
+    )
+    for row in (deq, small, raft):
         assert row["test/epe"] > 0 and row["test/epe_zero"] > 0 and row["cpu_s"] > 0
         assert row["step_peak_mib"] > 0 and row["params"] > 0
         assert row["test/epe_vs_zero"] == pytest.approx(row["test/epe"] / row["test/epe_zero"])

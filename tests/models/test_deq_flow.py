@@ -154,6 +154,30 @@ def test_tiny_wide_widens_only_the_update_block() -> None:
     assert out["flow"].shape == (2, 2, 64, 64) and torch.isfinite(out["flow"]).all()
 
 
+def test_small_is_raft_small_as_a_deq() -> None:
+    """``small`` (SIZES' comment) has torchvision's raft_small encoder, motion encoder, ConvGRU and
+    flow head, layer for layer; the DEQ adds the convex-upsampling mask and batch norm in the
+    context encoder (RAFT-small's has no normalisation)."""
+    from torchvision.models.optical_flow import raft_small
+
+    def shapes(module: torch.nn.Module) -> list[tuple[int, ...]]:
+        return [tuple(p.shape) for p in module.parameters()]
+
+    raft = raft_small()
+    deq = DEQFlow("small", corr_radius=3, hidden_init="context", weight_norm=False)
+    assert (deq.hidden_dim, deq.context_dim) == (96, 64)
+    assert shapes(deq.feature_encoder) == shapes(raft.feature_encoder)
+    assert shapes(deq.update_block) == shapes(raft.update_block)
+    convs = [m for m in deq.context_encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [tuple(c.weight.shape) for c in convs] == [
+        tuple(m.weight.shape)
+        for m in raft.context_encoder.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
+    out = deq(torch.rand(2, 3, 128, 128) * 255, torch.rand(2, 3, 128, 128) * 255).output
+    assert out["flow"].shape == (2, 2, 128, 128) and torch.isfinite(out["flow"]).all()
+
+
 def test_convex_upsampling_of_constant_flow() -> None:
     flow = torch.empty(2, 2, 5, 6)
     flow[:, 0], flow[:, 1] = 1.5, -0.25
