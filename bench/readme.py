@@ -188,7 +188,7 @@ def render_flow_peer(flow: dict) -> list[str]:
         ),
         "",
         *(
-            f"`{d['name']}` / `{peer['name']}`: test EPE {d['test/epe_vs_zero'] / peer['test/epe_vs_zero']:.2f}x,"
+            f"- `{d['name']}` / `{peer['name']}`: test EPE {d['test/epe_vs_zero'] / peer['test/epe_vs_zero']:.2f}x,"
             f" val EPE {d['val/epe_vs_zero'] / peer['val/epe_vs_zero']:.2f}x, CPU time"
             f" {d['cpu_s'] / peer['cpu_s']:.2f}x, training-step memory"
             f" {d['step_peak_mib'] / peer['step_peak_mib']:.2f}x."
@@ -642,11 +642,7 @@ BLOCKS: dict[str, Block] = {
         ("reports/flow/results.json",), (*TRAINING_CODE, "bench/flow.py"), render_flow_peer
     ),
     "flow-peer-seeds": Block(
-        (
-            "reports/flow/results.json",
-            "reports/flow/results_seed1.json",
-            "reports/flow/results_seed2.json",
-        ),
+        tuple(f"reports/flow/results{s}.json" for s in ("", "_seed1", "_seed2", "_seed3")),
         (*TRAINING_CODE, "bench/flow.py"),
         render_flow_peer_seeds,
     ),

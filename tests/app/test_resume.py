@@ -31,7 +31,7 @@ from deq_lightning.callbacks.preemption import EXIT_RESUMABLE
 from deq_lightning.loggers import truncate_csv, wandb_history_steps
 
 from ..helpers.app import FAST, ROOT, compose_cfg, run_script
-from ..helpers.wandb_offline import records
+from ..helpers.wandb_offline import finished_records
 
 # Tiny digits runs: 6 training batches per epoch, the DEQ after 4 pre-training steps, a CSV row
 # per step written at once (the tests follow a run's progress through it).
@@ -389,7 +389,9 @@ def test_wandb_history_reader_matches_the_test_reader(tmp_path, monkeypatch):
     wandb.finish()
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     expected = [
-        r.history.step.num for r in records(run_file) if r.WhichOneof("record_type") == "history"
+        r.history.step.num
+        for r in finished_records(run_file)
+        if r.WhichOneof("record_type") == "history"
     ]
     assert expected == [0, 1, 2, 7] and wandb_history_steps(run_file) == expected
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -40,6 +41,19 @@ def records(path: Path) -> list[pb.Record]:
         else:
             pending += payload
     return out
+
+
+def finished_records(path: Path, timeout: float = 30.0) -> list[pb.Record]:
+    """:func:`records` once the file holds its closing ``exit`` record: W&B's service process can
+    still be writing the file when ``wandb.finish()`` returns (seen about once in a dozen runs
+    as a file without its history yet). Fails after ``timeout`` seconds without it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in out):
+            return out
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout} s"
+        time.sleep(0.1)
 
 
 def config_and_history(path: Path) -> tuple[dict, set[str]]:
