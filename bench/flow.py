@@ -36,14 +36,14 @@ iterations, the DEQ's correlation levels, RAFT's own 12 training iterations and 
 evaluation budget) the DEQ-Flow of its size (``MATCHING_DEQ``: ``deq_flow_small`` beside
 RAFT-small, ``deq_flow_B`` beside RAFT-large) and the peer itself, each through ``train.py`` in a
 fresh process, on the same DataModule, crops, augmentation, batches (``task.train_seed``; checked
-with ``train/data_checksum``), steps, optimizer, schedule and seed. ``--train-steps`` shortens the schedule (the one-cycle schedule then
-spans those steps). ``--ablate`` trains DEQ-Flow variants (what each ingredient is worth) on the
-same stream. Each DEQ side is re-scored on the test pairs at four solver budgets
-(``eval_budgets``: does its estimate hold as the solve goes on?). Both write
-``<out>/results.json``, ``report.md`` and ``learning_curve.png`` (``--ablate`` alone:
-``ablation.json``, ``.md``, ``.png``; ``--seed N`` other than 0 adds
-``_seed<N>`` to each name, so that seeds run side by side keep their own), the curve (validation
-EPE over the zero flow's, from the runs' CSV logs); runs are kept under
+with ``train/data_checksum``), steps, optimizer, schedule and seed. ``--train-steps`` shortens
+the schedule (the one-cycle schedule then spans those steps). ``--ablate`` trains DEQ-Flow
+variants (what each ingredient is worth) on the same stream. Each DEQ side is re-scored on the
+test pairs at four solver budgets (``eval_budgets``: does its estimate hold as the solve goes
+on?). Both write ``<out>/results.json``, ``report.md`` and ``learning_curve.png`` (``--ablate``
+alone: ``ablation.json``, ``.md``, ``.png``; ``--seed N`` other than 0 adds ``_seed<N>`` to each
+name, so that seeds run side by side keep their own), the curve (validation EPE over the zero
+flow's, from the runs' CSV logs); runs are kept under
 ``bench/results/flow_runs/<peer|ablation>[_seed<N>]`` (ignored).
 
 Real photographs: after training, each side's model (``deq_lightning.load`` of its run: the

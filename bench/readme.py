@@ -158,6 +158,7 @@ def render_flow_peer(flow: dict) -> list[str]:
     # Each DEQ row against the (first) peer: RAFT's rows have no converged fraction.
     peer = next(r for r in flow["rows"] if r["converged_fraction"] is None)
     deqs = [r for r in flow["rows"] if r["converged_fraction"] is not None]
+    ratio = lambda row, key: row[key] / peer[key]  # noqa: E731
     real = (
         "Motorcycle: real photographs with known motion, the Middlebury 2014 stereo pair that"
         " ships with scikit-image (`deq_lightning/datamodules/flow_real.py`; flow = (-disparity, 0)"
@@ -188,10 +189,9 @@ def render_flow_peer(flow: dict) -> list[str]:
         ),
         "",
         *(
-            f"- `{d['name']}` / `{peer['name']}`: test EPE {d['test/epe_vs_zero'] / peer['test/epe_vs_zero']:.2f}x,"
-            f" val EPE {d['val/epe_vs_zero'] / peer['val/epe_vs_zero']:.2f}x, CPU time"
-            f" {d['cpu_s'] / peer['cpu_s']:.2f}x, training-step memory"
-            f" {d['step_peak_mib'] / peer['step_peak_mib']:.2f}x."
+            f"- `{d['name']}` / `{peer['name']}`: test EPE {ratio(d, 'test/epe_vs_zero'):.2f}x,"
+            f" val EPE {ratio(d, 'val/epe_vs_zero'):.2f}x, CPU time {ratio(d, 'cpu_s'):.2f}x,"
+            f" training-step memory {ratio(d, 'step_peak_mib'):.2f}x."
             for d in deqs
         ),
         "",
