@@ -304,6 +304,7 @@ def train_side(name: str, overrides: list[str], runs: Path, args: argparse.Names
     print(f"[flow] {name}: train.py {' '.join(overrides)}", file=sys.stderr, flush=True)
     res = run_train(overrides, run_dir, args.threads)
     m, hist = res["metrics"], history(run_dir)
+    model = deq_lightning.load(run_dir)  # the best-validation checkpoint, scored twice below
     checksum = hist.get("train/data_checksum") or _step_series(run_dir, "train/data_checksum")
     row = {
         "name": name,
@@ -322,10 +323,10 @@ def train_side(name: str, overrides: list[str], runs: Path, args: argparse.Names
             k: hist.get(k, [])
             for k in ("val/epe", "val/epe_zero", "val/fwd_converged", "val/fwd_res_p50")
         },
-        "real": real_scores(deq_lightning.load(run_dir), args.real_scales),
+        "real": real_scores(model, args.real_scales),
     }
     if row["converged_fraction"] is not None:  # a DEQ: does its estimate hold as it solves on?
-        row["eval_budgets"] = eval_budgets(run_dir)
+        row["eval_budgets"] = eval_budgets(model)
     for stage in ("val", "test"):
         epe, zero = row[f"{stage}/epe"], row[f"{stage}/epe_zero"]
         row[f"{stage}/epe_vs_zero"] = epe / zero if epe is not None and zero else None
@@ -807,7 +808,7 @@ def train_default(args: argparse.Namespace) -> None:
         "load_average_end": load1,
         **{k: r[k] for k in ("wall_s", "cpu_s", "max_rss_mib")},
         **{f"{s}/{k}": r.get(f"{s}/{k}") for s in ("val", "test") for k in keys},
-        "eval_budgets": eval_budgets(run_dir),
+        "eval_budgets": eval_budgets(deq_lightning.load(run_dir)),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"default{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -815,12 +816,12 @@ def train_default(args: argparse.Namespace) -> None:
 
 
 @torch.no_grad()
-def eval_budgets(run_dir: Path) -> list[dict]:
-    """The trained run's best checkpoint on its own test pairs at several evaluation budgets:
-    half and all of the training budget, the evaluation budget and twice it. A map with an
-    attracting fixed point refines (or holds) its estimate as the budget grows; one that keeps
-    drifting gets worse, which is what the residual term (task.residual_loss_weight) targets."""
-    model = deq_lightning.load(run_dir)
+def eval_budgets(model: FlowEstimator) -> list[dict]:
+    """A trained run's best checkpoint (``deq_lightning.load`` of its run dir) on its own test
+    pairs at several evaluation budgets: half and all of the training budget, the evaluation
+    budget and twice it. A map with an attracting fixed point refines (or holds) its estimate as
+    the budget grows; one that keeps drifting gets worse, which is what the residual term
+    (task.residual_loss_weight) targets."""
     cfg = model.run.config
     train_iter, eval_iter = int(cfg.solver.max_iter), int(cfg.solver.eval_opts.max_iter)
     datamodule = model.run.datamodule()
