@@ -5,7 +5,7 @@ operator and solves for its fixed point instead:
 
 * two encoders read the frames at 1/8 resolution: a *feature* encoder (instance norm) for both
   frames, whose all-pairs correlation volume is pooled into a pyramid (4 levels, radius 4), and a
-  *context* encoder (batch norm, then ReLU) for frame 1, the injection;
+  *context* encoder (batch norm, then ReLU; no norm at size small) for frame 1, the injection;
 * the state is z = (h, flow): a GRU hidden state and the flow, both at 1/8 resolution;
 * f(h, flow) looks the correlation up around ``pixel + flow``, encodes it with the flow (motion
   encoder), updates h with a separable (1x5 then 5x1) ConvGRU and adds the flow head's output to
@@ -77,6 +77,7 @@ class FlowSize:
     context_dim: int | None = None  # context (injection) width; None: hidden_dim
     bottleneck: bool = False  # encoders of bottleneck blocks (RAFT-small's) instead of residual
     gru_kernel: int | None = None  # one square ConvGRU kernel (RAFT-small: 3); None: 1x5 then 5x1
+    context_norm: str = "batch"  # the context encoder's normalisation, a key of CONTEXT_NORMS
 
 
 # B/L/H: deq-flow code.v.2.0 (default, --large, --huge). "tiny" is ours, for CPU runs: the
@@ -86,8 +87,9 @@ class FlowSize:
 # parameters at 3 levels against RAFT-small's 0.99M. The update block runs at 1/8 resolution,
 # so the width costs little time (reports/flow/update_width/ measures what it buys). "small" is
 # torchvision's raft_small as a DEQ (bottleneck encoders 32-32-64-96 with 128-d features, hidden
-# 96, context 64, a 3x3 ConvGRU, the same motion encoder and flow head), plus the convex
-# upsampling RAFT-small leaves out: the DEQ of matching size beside RAFT-small.
+# 96, context 64, a 3x3 ConvGRU, the same motion encoder and flow head, a context encoder
+# without normalisation), plus the convex upsampling RAFT-small leaves out: the DEQ of matching
+# size beside RAFT-small.
 SIZES: dict[str, FlowSize] = {
     "tiny": FlowSize((32, 32, 48, 64), 64, 32, (64, 48), (32, 16), 32, 64, 64),
     "tiny_wide": FlowSize((32, 32, 48, 64), 64, 32, (96, 64), (64, 32), 80, 128, 64),
@@ -103,10 +105,20 @@ SIZES: dict[str, FlowSize] = {
         context_dim=64,
         bottleneck=True,
         gru_kernel=3,
+        context_norm="none",
     ),
     "B": FlowSize((64, 64, 96, 128), 256, 128, (256, 192), (128, 64), 128, 256, 256),
     "L": FlowSize((64, 64, 96, 128), 256, 192, (384, 288), (192, 96), 192, 384, 256),
     "H": FlowSize((64, 64, 96, 128), 256, 256, (512, 384), (256, 128), 256, 512, 256),
+}
+
+
+# The context encoder's normalisation: batch norm in RAFT and DEQ-Flow B/L/H, none in RAFT-small
+# (torchvision's FeatureEncoder takes ``None`` for none: its convolutions then keep their bias).
+CONTEXT_NORMS: dict[str, type[nn.Module] | None] = {
+    "batch": nn.BatchNorm2d,
+    "instance": nn.InstanceNorm2d,
+    "none": None,
 }
 
 
@@ -166,6 +178,8 @@ class DEQFlow(FlowModel):
     ``hidden_init`` is where the solve starts its hidden state: ``zero`` (the thesis) or
     ``context``, RAFT's start: the context encoder outputs ``hidden_dim`` more channels whose
     ``tanh`` is the initial hidden state (a warm ``state_init`` replaces either).
+    ``context_norm`` (a key of :data:`CONTEXT_NORMS`; ``None``: the size's) normalises the
+    context encoder.
     """
 
     # The weight-tied module f applies (task.compile=true compiles it; see tasks/base.py).
@@ -183,6 +197,7 @@ class DEQFlow(FlowModel):
         weight_norm: bool = True,
         pixel_max: float = 255.0,
         hidden_init: str = "zero",
+        context_norm: str | None = None,
         deq: dict | None = None,
     ) -> None:
         super().__init__()
@@ -193,6 +208,11 @@ class DEQFlow(FlowModel):
         if n_states < 1:
             raise ValueError(f"n_states must be >= 1, got {n_states}")
         spec = SIZES[size]
+        context_norm = context_norm or spec.context_norm
+        if context_norm not in CONTEXT_NORMS:
+            raise ValueError(
+                f"unknown context_norm {context_norm!r}; choose one of {sorted(CONTEXT_NORMS)}"
+            )
         self.size = size
         self.hidden_dim = hidden_dim or spec.hidden_dim
         self.context_dim = context_dim or spec.context_dim or self.hidden_dim
@@ -211,7 +231,7 @@ class DEQFlow(FlowModel):
         self.context_encoder = FeatureEncoder(
             block=block,
             layers=(*spec.encoder, self.context_dim + init_dim),
-            norm_layer=nn.BatchNorm2d,
+            norm_layer=CONTEXT_NORMS[context_norm],
         )
         k = spec.gru_kernel
         gru = {} if k is None else {"kernel_size": (k,), "padding": (k // 2,)}
@@ -361,6 +381,7 @@ def forward_interpolate(flow: Tensor) -> Tensor:
 
 
 __all__ = [
+    "CONTEXT_NORMS",
     "SIZES",
     "DEQFlow",
     "FlowSize",

@@ -155,9 +155,9 @@ def test_tiny_wide_widens_only_the_update_block() -> None:
 
 
 def test_small_is_raft_small_as_a_deq() -> None:
-    """``small`` (SIZES' comment) has torchvision's raft_small encoder, motion encoder, ConvGRU and
-    flow head, layer for layer; the DEQ adds the convex-upsampling mask and batch norm in the
-    context encoder (RAFT-small's has no normalisation)."""
+    """``small`` (SIZES' comment) has torchvision's raft_small encoders, motion encoder, ConvGRU
+    and flow head, layer for layer (its context encoder without normalisation, as RAFT-small's);
+    the DEQ adds the convex-upsampling mask."""
     from torchvision.models.optical_flow import raft_small
 
     def shapes(module: torch.nn.Module) -> list[tuple[int, ...]]:
@@ -166,16 +166,32 @@ def test_small_is_raft_small_as_a_deq() -> None:
     raft = raft_small()
     deq = DEQFlow("small", corr_radius=3, hidden_init="context", weight_norm=False)
     assert (deq.hidden_dim, deq.context_dim) == (96, 64)
-    assert shapes(deq.feature_encoder) == shapes(raft.feature_encoder)
-    assert shapes(deq.update_block) == shapes(raft.update_block)
-    convs = [m for m in deq.context_encoder.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert [tuple(c.weight.shape) for c in convs] == [
-        tuple(m.weight.shape)
-        for m in raft.context_encoder.modules()
-        if isinstance(m, torch.nn.Conv2d)
-    ]
+    for part in ("feature_encoder", "context_encoder", "update_block"):
+        assert shapes(getattr(deq, part)) == shapes(getattr(raft, part)), part
     out = deq(torch.rand(2, 3, 128, 128) * 255, torch.rand(2, 3, 128, 128) * 255).output
     assert out["flow"].shape == (2, 2, 128, 128) and torch.isfinite(out["flow"]).all()
+
+
+@pytest.mark.parametrize(
+    "size, norm, expected",
+    [
+        ("small", None, None),
+        ("small", "batch", torch.nn.BatchNorm2d),
+        ("tiny", None, torch.nn.BatchNorm2d),
+        ("tiny", "instance", torch.nn.InstanceNorm2d),
+    ],
+)
+def test_context_norm(size: str, norm: str | None, expected: type | None) -> None:
+    """``context_norm`` picks the context encoder's normalisation (``None``: the size's)."""
+    encoder = DEQFlow(size, corr_levels=3, context_norm=norm).context_encoder
+    norms = {
+        type(m)
+        for m in encoder.modules()
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d))
+    }
+    assert norms == (set() if expected is None else {expected})
+    with pytest.raises(ValueError, match="unknown context_norm 'group'"):
+        DEQFlow(size, corr_levels=3, context_norm="group")
 
 
 def test_convex_upsampling_of_constant_flow() -> None:
