@@ -106,10 +106,14 @@ def solver_schema(name: str):
     Every solver node carries the keys of the others (``null``), so that an experiment written
     for one solver still composes with another; :func:`deq_kwargs` then refuses a key set for a
     solver other than the chosen one, unless ``extra_ok``. A key no solver knows fails at
-    composition. ``eval_opts`` has the same keys, all ``null`` (= the training value) unless set.
+    composition. ``eval_opts`` has the same keys, all ``null`` (= the training value) unless set,
+    and ``solver``: the solver of evaluation, ``null`` for the training one.
     """
     all_types = _union_of(list_solvers(), solver_option_types, "solver")
-    eval_spec = _fields(all_types, {})
+    eval_spec = [
+        ("solver", Optional[str], dataclasses.field(default=None)),
+        *_fields(all_types, {}),
+    ]
     eval_opts = dataclasses.make_dataclass("EvalSolverOpts", eval_spec)
     spec = [
         ("name", str, dataclasses.field(default=name)),
@@ -191,13 +195,20 @@ def _option_nodes(solver: Mapping, backward: Mapping) -> list[_Node]:
     of the inner solver of a mode that has one, such as ``implicit``)."""
     name, mode = solver["name"], get_backward(backward["name"])
     takes, own = solver_options(name), ("solver", name)
+    eval_values = solver.get("eval_opts") or {}
+    eval_name = eval_values.get("solver") or name
+    try:
+        eval_takes = solver_options(eval_name)
+    except ValueError as e:
+        raise ValueError(f"solver.eval_opts.solver: {e}") from None
+    eval_owner = own if eval_name == name else ("solver.eval_opts.solver", eval_name)
     inner = (
         (backward.get("solver") or mode.defaults["solver"]) if "solver" in mode.options else None
     )
     inner_owner = ("backward.solver", inner) if inner else ("backward", mode.name)
     return [
         _Node("solver", solver, takes, own, _SOLVER_META),
-        _Node("solver.eval_opts", solver.get("eval_opts") or {}, takes, own),
+        _Node("solver.eval_opts", eval_values, eval_takes, eval_owner, ("solver",)),
         _Node("backward", backward, mode.options, ("backward", mode.name), _BACKWARD_META),
         _Node(
             "backward.solver_opts",
@@ -242,6 +253,7 @@ def deq_kwargs(solver: dict, backward: dict) -> dict:
         "solver": solver["name"],
         "solver_opts": solver_opts,
         "eval_solver_opts": eval_opts,
+        "eval_solver": (solver.get("eval_opts") or {}).get("solver"),
         "backward": backward["name"],
         "backward_opts": {**backward_opts, **inner_opts},
     }

@@ -84,7 +84,7 @@ class Predictor:
     def not_at_equilibrium(self) -> str:
         """The warning: how far from equilibrium the last call was, and the remedies."""
         deq = next(m for m in self.task.model.modules() if isinstance(m, DEQ))
-        summary = {"solver": deq.solver, **deq.active_solver_opts()}
+        summary = {"solver": deq.active_solver(), **deq.active_solver_opts()}
         return (
             f"{self.run.run_dir}: {self.converged:.1%} of the samples reached their fixed point, "
             f"below the run's {self.min_converged:.0%} (callbacks.equilibrium.min_converged): "

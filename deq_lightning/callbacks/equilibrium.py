@@ -72,6 +72,8 @@ def remedies(
     solver = summary.get("solver")
     if solver == "fixed_point":
         out.append("damping: solver.damping=0.3")
+        if not training:
+            out.append("an accelerated evaluation solve: solver.eval_opts.solver=anderson")
     elif solver == "anderson":
         out.append("damped mixing: solver.beta=0.8")
     elif solver == "broyden":

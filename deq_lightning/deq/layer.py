@@ -11,13 +11,21 @@ from torch import Tensor, nn
 from .backward import Attached, get_backward, unroll
 from .jacobian import jac_loss_estimate, residual_loss, spectral_radius
 from .scope import forward_scope
-from .solvers import autocast_state, check_solver_options, flat_fn, get_solver, run_flat
+from .solvers import (
+    COMMON_OPTIONS,
+    autocast_state,
+    check_solver_options,
+    flat_fn,
+    get_solver,
+    run_flat,
+)
 from .state import State, StateSpec
 from .stats import DEQStats
 
 _OVERRIDABLE = (
     "solver",
     "solver_opts",
+    "eval_solver",
     "eval_solver_opts",
     "backward",
     "backward_opts",
@@ -44,7 +52,11 @@ class DEQ(nn.Module):
 
     ``solver_opts`` are the forward solver's options (``max_iter``, ``tol``, ``stop_mode`` and the
     solver's own, e.g. Anderson's ``m``); ``eval_solver_opts`` are laid over them in eval mode (the
-    thesis raises the budget at test time). Unknown keys and impossible values raise at once.
+    thesis raises the budget at test time). ``eval_solver`` (``None``: ``solver``) solves in eval
+    mode instead: a cheap training solve (plain iteration) can then be checked by one that
+    reaches the fixed point (Anderson); it keeps the common options (``max_iter``, ``tol``, ...)
+    of ``solver_opts`` and takes its own from ``eval_solver_opts``. Unknown keys and impossible
+    values raise at once.
     Set ``compute_jac_loss`` / ``compute_residual_loss`` / ``compute_spectral_radius`` (usually
     through :meth:`override`) to get ``stats.jac_loss``, ``stats.residual_loss`` (both
     differentiable) and ``stats.spectral_radius`` at the equilibrium.
@@ -63,6 +75,7 @@ class DEQ(nn.Module):
         solver_opts: dict | None = None,
         backward_opts: dict | None = None,
         eval_solver_opts: dict | None = None,
+        eval_solver: str | None = None,
         jac_samples: int = 1,
         spectral_radius_iters: int = 50,
     ) -> None:
@@ -70,6 +83,7 @@ class DEQ(nn.Module):
         self.solver = solver
         self.solver_opts = dict(solver_opts or {})
         self.eval_solver_opts = dict(eval_solver_opts or {})
+        self.eval_solver = eval_solver
         self.backward = backward
         self.backward_opts = dict(backward_opts or {})
         self.jac_samples = jac_samples
@@ -92,8 +106,13 @@ class DEQ(nn.Module):
         """Validate the configuration; raises ``ValueError`` naming the offending key."""
         get_solver(self.solver)
         check_solver_options(self.solver, self.solver_opts)
+        if self.eval_solver is not None:
+            try:
+                get_solver(self.eval_solver)
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"eval_solver: {e}") from None
         try:
-            check_solver_options(self.solver, {**self.solver_opts, **self.eval_solver_opts})
+            check_solver_options(self.active_solver(eval_mode=True), self._eval_opts())
         except ValueError as e:
             raise ValueError(f"eval_solver_opts: {e}") from None
         get_backward(self.backward).check(self.backward_opts)
@@ -101,7 +120,8 @@ class DEQ(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"solver={self.solver!r}, solver_opts={self.solver_opts}, backward={self.backward!r}, "
-            f"backward_opts={self.backward_opts}, eval_solver_opts={self.eval_solver_opts}"
+            f"backward_opts={self.backward_opts}, eval_solver={self.eval_solver!r}, "
+            f"eval_solver_opts={self.eval_solver_opts}"
         )
 
     def active_solver_opts(self) -> dict:
@@ -109,11 +129,24 @@ class DEQ(nn.Module):
 
         ``compact="eval"`` is resolved here: "on" in eval mode, "off" in training.
         """
-        opts = self.solver_opts if self.training else {**self.solver_opts, **self.eval_solver_opts}
-        full = check_solver_options(self.solver, opts)
+        opts = self.solver_opts if self.training else self._eval_opts()
+        full = check_solver_options(self.active_solver(), opts)
         if full["compact"] == "eval":
             full["compact"] = "off" if self.training else "on"
         return full
+
+    def active_solver(self, eval_mode: bool | None = None) -> str:
+        """The solver in force in eval mode (``eval_mode``; default: the module's mode)."""
+        evaluating = not self.training if eval_mode is None else eval_mode
+        return (self.eval_solver or self.solver) if evaluating else self.solver
+
+    def _eval_opts(self) -> dict:
+        """``eval_solver_opts`` over the training options, only the common ones of those when
+        the evaluation solver is another than the training one."""
+        base = self.solver_opts
+        if self.active_solver(eval_mode=True) != self.solver:
+            base = {k: v for k, v in base.items() if k in COMMON_OPTIONS}
+        return {**base, **self.eval_solver_opts}
 
     @contextmanager
     def override(self, **changes: object) -> Iterator[DEQ]:
@@ -126,29 +159,25 @@ class DEQ(nn.Module):
         if unknown:
             raise ValueError(f"cannot override {unknown}; overridable: {', '.join(_OVERRIDABLE)}")
         saved = {k: getattr(self, k) for k in _OVERRIDABLE}
-        for key, value in changes.items():
-            if key in ("solver_opts", "eval_solver_opts", "backward_opts"):
-                base_key = {
-                    "solver_opts": "solver",
-                    "eval_solver_opts": "solver",
-                    "backward_opts": "backward",
-                }[key]
-                switched = base_key in changes and changes[base_key] != saved[base_key]
-                value = dict(value) if switched else {**saved[key], **value}
+        after = {**saved, **changes}
+        # Each options dict and the solver or mode it belongs to (before, after the change).
+        owners = {
+            "solver_opts": (saved["solver"], after["solver"]),
+            "eval_solver_opts": (
+                saved["eval_solver"] or saved["solver"],
+                after["eval_solver"] or after["solver"],
+            ),
+            "backward_opts": (saved["backward"], after["backward"]),
+        }
+        for key, (before, now) in owners.items():
+            if key in changes:
+                value = dict(changes[key])
+                after[key] = value if before != now else {**saved[key], **value}
+            elif before != now:  # a new owner starts from its defaults
+                common = key == "eval_solver_opts"
+                after[key] = {k: v for k, v in saved[key].items() if common and k in COMMON_OPTIONS}
+        for key, value in after.items():
             setattr(self, key, value)
-        for opts_key, base_key in (("backward_opts", "backward"), ("solver_opts", "solver")):
-            if (
-                base_key in changes
-                and changes[base_key] != saved[base_key]
-                and opts_key not in changes
-            ):
-                setattr(self, opts_key, {})
-                if base_key == "solver":
-                    self.eval_solver_opts = {
-                        k: v
-                        for k, v in saved["eval_solver_opts"].items()
-                        if k in ("max_iter", "tol", "stop_mode")
-                    }
         try:
             self.check()
             yield self
@@ -183,7 +212,9 @@ class DEQ(nn.Module):
         with forward_scope():
             g = flat_fn(f, spec, autocast_state(x0.device), x0.device)
             if mode.solves:
-                res = run_flat(self.solver, g, x0, sopts, record_steps(sopts["max_iter"], n_states))
+                res = run_flat(
+                    self.active_solver(), g, x0, sopts, record_steps(sopts["max_iter"], n_states)
+                )
                 if self.on_solve is not None:
                     self.on_solve(g, x0.detach(), res.z)
                 stats = DEQStats(forward=res.stats, mode=self.backward)

@@ -78,6 +78,37 @@ def test_solver_and_backward_reach_the_deq(tmp_path):
     assert kw["backward"] == "phantom" and kw["backward_opts"] == {"steps": 3, "tau": 0.8}
 
 
+def test_an_evaluation_solver_reaches_the_deq(tmp_path):
+    """``solver.eval_opts.solver``: another solver at evaluation, taking its own options there."""
+    cfg = compose_cfg(
+        [
+            "solver=fixed_point",
+            "solver.max_iter=7",
+            "solver.eval_opts.solver=anderson",
+            "solver.eval_opts.m=3",
+            "solver.eval_opts.max_iter=11",
+        ],
+        tmp_path / "run",
+    )
+    kw = deq_kwargs(plain(cfg.task.solver), plain(cfg.task.backward))
+    assert (kw["solver"], kw["eval_solver"]) == ("fixed_point", "anderson")
+    assert kw["eval_solver_opts"] == {"max_iter": 11, "m": 3}
+    check_config(cfg)
+    for bad, match in [
+        (
+            "solver.eval_opts.memory=4",
+            r"solver\.eval_opts\.memory=4 is not an option of "
+            r"solver\.eval_opts\.solver=anderson",
+        ),
+        ("solver.eval_opts.solver=newton", r"solver\.eval_opts\.solver: unknown solver 'newton'"),
+    ]:
+        cfg = compose_cfg(
+            ["solver=fixed_point", "solver.eval_opts.solver=anderson", bad], tmp_path / "run"
+        )
+        with pytest.raises(ValueError, match=match):
+            deq_kwargs(plain(cfg.task.solver), plain(cfg.task.backward))
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [

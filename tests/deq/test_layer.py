@@ -176,6 +176,35 @@ def test_eval_budget_applies_in_eval_mode_only():
     assert eval_stats.forward.max_iter == 9 and eval_stats.forward.nfe == 9
 
 
+def test_eval_solver_solves_in_eval_mode_only():
+    """``eval_solver``: plain iteration trains, Anderson evaluates (the common options carry over,
+    the training solver's own do not), reaching the same fixed point in fewer steps."""
+    cell, x, z0 = tensor_case()
+    deq = DEQ(
+        solver="fixed_point",
+        solver_opts={"max_iter": 200, "tol": 1e-8, "damping": 0.1},
+        eval_solver="anderson",
+        eval_solver_opts={"m": 3},
+    )
+    z_train, train_stats = deq(lambda z: cell(z, x), z0)
+    deq.eval()
+    assert deq.active_solver() == "anderson" and deq.active_solver(eval_mode=False) == "fixed_point"
+    opts = deq.active_solver_opts()
+    assert (opts["max_iter"], opts["tol"], opts["m"]) == (200, 1e-8, 3) and "damping" not in opts
+    with torch.no_grad():
+        z_eval, eval_stats = deq(lambda z: cell(z, x), z0)
+    assert (train_stats.forward.solver, eval_stats.forward.solver) == ("fixed_point", "anderson")
+    assert train_stats.forward.converged.all() and eval_stats.forward.converged.all()
+    assert eval_stats.forward.nfe < train_stats.forward.nfe
+    assert torch.allclose(z_eval, z_train.detach(), atol=1e-6)
+    with deq.override(eval_solver=None):  # back to the training solver: Anderson's m goes
+        assert deq.active_solver() == "fixed_point" and "m" not in deq.active_solver_opts()
+    with pytest.raises(ValueError, match="eval_solver: unknown solver 'newton'"):
+        DEQ(eval_solver="newton")
+    with pytest.raises(ValueError, match=r"eval_solver_opts: unknown option\(s\) \['memory'\]"):
+        DEQ(eval_solver="anderson", eval_solver_opts={"memory": 4})
+
+
 def test_override_switches_and_restores():
     cell, x, z0 = tensor_case()
     model = nn.ModuleDict({"a": DEQ(backward_opts={"tol": 1e-7}), "b": DEQ()})
