@@ -57,9 +57,10 @@ def finished_records(path: Path, timeout: float = 30.0) -> list[pb.Record]:
 
 
 def config_and_history(path: Path) -> tuple[dict, set[str]]:
-    """The run's config (key -> value) and every key ever logged to its history."""
+    """The run's config (key -> value) and every key ever logged to its history, once the run
+    has finished writing the file (:func:`finished_records`)."""
     config, keys = {}, set()
-    for rec in records(path):
+    for rec in finished_records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "config":
             for item in rec.config.update:
