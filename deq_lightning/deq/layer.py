@@ -136,7 +136,8 @@ class DEQ(nn.Module):
         return full
 
     def active_solver(self, eval_mode: bool | None = None) -> str:
-        """The solver in force in eval mode (``eval_mode``; default: the module's mode)."""
+        """The solver in force: ``eval_solver`` (if set) in eval mode, else ``solver``.
+        ``eval_mode`` asks for one mode; ``None``: the module's current one."""
         evaluating = not self.training if eval_mode is None else eval_mode
         return (self.eval_solver or self.solver) if evaluating else self.solver
 
