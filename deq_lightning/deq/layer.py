@@ -109,7 +109,7 @@ class DEQ(nn.Module):
         if self.eval_solver is not None:
             try:
                 get_solver(self.eval_solver)
-            except (KeyError, ValueError) as e:
+            except ValueError as e:  # the registry's "unknown solver ..., known: ..."
                 raise ValueError(f"eval_solver: {e}") from None
         try:
             check_solver_options(self.active_solver(eval_mode=True), self._eval_opts())
