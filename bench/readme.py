@@ -424,16 +424,21 @@ def render_compaction(c: dict) -> list[str]:
 
 
 def render_thesis_scale(rows: list, meta: dict) -> list[str]:
+    def fmt(v: float | None, spec: str) -> str:  # the peak is None where RSS cannot be reset
+        return "n/a" if v is None else format(v, spec)
+
     def verdict(r: dict) -> str:
         if r["target_ratio"] is None:
             return ""
-        return f" (target {r['target_ratio']:g}x: {'met' if r['target_met'] else 'not met'})"
+        met = "met" if r["target_met"] else "not met"
+        return f" (target {r['target_ratio']:g}x on {r.get('ratio_on', 'activation')}: {met})"
 
     body = [
         [
             f"{r['system']}, batch {r['batch']}",
+            f"{fmt(r['deq_peak_mib'], '.0f')} / {fmt(r['explicit_peak_mib'], '.0f')}",
             f"{r['deq_activation_mib']:.0f} / {r['explicit_activation_mib']:.0f}",
-            f"{r['activation_ratio']:.2f}x{verdict(r)}",
+            f"{fmt(r['peak_ratio'], '.2f')}x / {r['activation_ratio']:.2f}x{verdict(r)}",
             r["thesis_note"]
             + (
                 ""
@@ -448,7 +453,16 @@ def render_thesis_scale(rows: list, meta: dict) -> list[str]:
         f" {load_range([meta['load_before'], meta['load_after']])}; LM and MDEQ solver budgets"
         f" capped at {meta['max_iter']} steps):",
         "",
-        *table(["pair", "activations MiB DEQ / explicit", "explicit / DEQ", "thesis"], body),
+        *table(
+            [
+                "pair",
+                "peak MiB DEQ / explicit",
+                "activations MiB DEQ / explicit",
+                "explicit / DEQ: peak / activations",
+                "thesis",
+            ],
+            body,
+        ),
     ]
 
 

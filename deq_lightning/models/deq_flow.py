@@ -57,6 +57,7 @@ from deq_lightning.models.flow_layers import (
     FlowModel,
     convex_upsample,
     pixel_grid,
+    recompute_parts,
 )
 
 MAX_FLOW = 400.0  # pixels with |gt| >= 400 are left out of the loss (deq-flow main.py)
@@ -179,7 +180,8 @@ class DEQFlow(FlowModel):
     ``context``, RAFT's start: the context encoder outputs ``hidden_dim`` more channels whose
     ``tanh`` is the initial hidden state (a warm ``state_init`` replaces either).
     ``context_norm`` (a key of :data:`CONTEXT_NORMS`; ``None``: the size's) normalises the
-    context encoder.
+    context encoder. ``recompute`` (``encoders``, ``update``: :data:`RECOMPUTE_PARTS`) runs
+    those parts again in backward instead of storing their activations in training.
     """
 
     # The weight-tied module f applies (task.compile=true compiles it; see tasks/base.py).
@@ -198,6 +200,7 @@ class DEQFlow(FlowModel):
         pixel_max: float = 255.0,
         hidden_init: str = "zero",
         context_norm: str | None = None,
+        recompute: Sequence[str] | None = None,
         deq: dict | None = None,
     ) -> None:
         super().__init__()
@@ -222,6 +225,7 @@ class DEQFlow(FlowModel):
         self.pixel_max = float(pixel_max)
         self.hidden_init = hidden_init
         self.bn_frozen = False
+        self.recompute = recompute_parts(recompute)
         init_dim = self.hidden_dim if hidden_init == "context" else 0
 
         block = BottleneckBlock if spec.bottleneck else ResidualBlock
@@ -277,8 +281,12 @@ class DEQFlow(FlowModel):
             if not self.all_grad:
                 flow = flow.detach()
             corr_i, context_i = rows.select(index)
-            corr_features = corr_i.index_pyramid(grid + flow)
-            hidden, delta = self.update_block(hidden, context_i, corr_features, flow)
+
+            def update(hidden: Tensor, flow: Tensor, context_i: Tensor) -> tuple[Tensor, Tensor]:
+                corr_features = corr_i.index_pyramid(grid + flow)
+                return self.update_block(hidden, context_i, corr_features, flow)
+
+            hidden, delta = self._run("update", self.update_block, update, hidden, flow, context_i)
             return hidden, flow + delta
 
         z0 = self._initial_state(context, flow_init, state_init, hidden0)

@@ -1,6 +1,7 @@
 """What DEQ-Flow and its explicit twin RAFT share: input padding, the x8 convex upsampling, the
 pixel grid, and :class:`FlowModel`, the frame-pair front end (input scaling and checks, the two
-encoders and the correlation pyramid), the warm-start checks and the frozen batch norm.
+encoders and the correlation pyramid), the warm-start checks, the frozen batch norm and the
+recomputation of parts in backward (``recompute``).
 
 One copy, so the two flow models read their inputs and warm starts identically and the flow task
 can swap one for the other.
@@ -8,17 +9,23 @@ can swap one for the other.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple, Self
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple, Self
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.models.optical_flow.raft import CorrBlock
 
 from deq_lightning.models.contract import ModelOutput
 
 UPSAMPLE = 8  # both encoders downsample by 8
+# What ``recompute`` may name: the two encoders, and the update steps that carry gradients (a
+# DEQ's phantom or implicit steps, RAFT's iterations).
+RECOMPUTE_PARTS = ("encoders", "update")
 
 # ----------------------------------------------------------------------------------------------
 # Shapes: padding to a multiple of 8, convex upsampling
@@ -73,6 +80,65 @@ def pixel_grid(h: int, w: int, device: torch.device) -> Tensor:
     return torch.stack([xs, ys])[None]
 
 
+# ----------------------------------------------------------------------------------------------
+# Recomputation in backward (activation checkpointing)
+# ----------------------------------------------------------------------------------------------
+
+
+def recompute_parts(parts: Sequence[str] | None) -> frozenset[str]:
+    """The checked set of parts a model recomputes in backward (``None``: none)."""
+    if isinstance(parts, str):
+        parts = [parts]
+    chosen = frozenset(parts or ())
+    unknown = sorted(chosen - set(RECOMPUTE_PARTS))
+    if unknown:
+        raise ValueError(
+            f"unknown recompute part(s) {unknown}; choose from {list(RECOMPUTE_PARTS)}, "
+            "e.g. model.recompute=[encoders,update]"
+        )
+    return chosen
+
+
+@contextmanager
+def held_running_stats(module: nn.Module) -> Iterator[None]:
+    """Batch norm in ``module`` normalises with the batch's statistics but leaves its running
+    statistics and batch count as they were: a forward run again in backward must not count
+    its batch twice."""
+    norms = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = 1 * running + 0 * batch, exactly
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
+def recomputed(fn: Callable[..., Any], module: nn.Module, *inputs: Any) -> Any:
+    """``fn(*inputs)`` without keeping its activations: backward runs it again (torch's
+    non-reentrant checkpointing). ``module`` holds what ``fn`` runs; its batch norm counts the
+    first run only. The re-run sees the context of the first (a DEQ's per-forward scope and
+    batch index), so it reuses that forward's weight-norm weights and dropout masks."""
+    runs = 0
+    context = contextvars.copy_context()
+
+    def run(*args: Any) -> Any:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            return fn(*args)
+        with held_running_stats(module):
+            return context.copy().run(fn, *args)
+
+    return checkpoint(run, *inputs, use_reentrant=False)
+
+
 class EncodedPair(NamedTuple):
     """A frame pair after the front end, all at 1/8 of the padded size: the ``padder`` (to crop
     predictions back), the correlation pyramid ``corr`` and the context encoder's output for
@@ -88,7 +154,8 @@ class FlowModel(nn.Module):
     the update loop or solve.
 
     Subclasses set ``feature_encoder``, ``context_encoder``, ``pixel_max``, ``corr_levels``,
-    ``corr_radius``, ``hidden_dim`` and ``bn_frozen`` in ``__init__``.
+    ``corr_radius``, ``hidden_dim`` and ``bn_frozen`` in ``__init__``, and may set
+    ``recompute`` (see :meth:`_run`).
     """
 
     feature_encoder: nn.Module
@@ -98,6 +165,7 @@ class FlowModel(nn.Module):
     corr_radius: int
     hidden_dim: int
     bn_frozen: bool
+    recompute: frozenset[str] = frozenset()
 
     # -- batch norm ------------------------------------------------------------------------------
 
@@ -148,11 +216,34 @@ class FlowModel(nn.Module):
         x1 = padder.pad(2.0 * image1 / self.pixel_max - 1.0)  # [-1, 1] as in the thesis and RAFT
         x2 = padder.pad(2.0 * image2 / self.pixel_max - 1.0)
         self._check_size(x1)
-        fmap1, fmap2 = self.feature_encoder(torch.cat([x1, x2])).chunk(2)
+        fmap1, fmap2 = self._features(x1, x2)
         corr = CorrBlock(num_levels=self.corr_levels, radius=self.corr_radius)
         with torch.autocast(x1.device.type, enabled=False):  # correlation in float32
             corr.build_pyramid(fmap1.float(), fmap2.float())
-        return EncodedPair(padder, corr, self.context_encoder(x1))
+        context = self.context_encoder
+        return EncodedPair(padder, corr, self._run("encoders", context, context, x1))
+
+    def _features(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+        """Both frames' correlation features: one batch, or one frame at a time when recomputed
+        and free of batch norm (instance norm keeps frames independent, so the result is the
+        same and backward holds one frame's activations at a time, not two)."""
+        encoder = self.feature_encoder
+        if self._recomputing("encoders") and not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in encoder.modules()
+        ):
+            return recomputed(encoder, encoder, x1), recomputed(encoder, encoder, x2)
+        return self._run("encoders", encoder, encoder, torch.cat([x1, x2])).chunk(2)
+
+    def _recomputing(self, part: str) -> bool:
+        return part in self.recompute and self.training and torch.is_grad_enabled()
+
+    def _run(self, part: str, module: nn.Module, fn: Callable[..., Any], *inputs: Any) -> Any:
+        """``fn(*inputs)``, which runs ``module``; recomputed in backward instead of keeping its
+        activations when ``part`` is in ``recompute`` and a training graph is being recorded.
+        The gradients are the same; the step costs one more forward of that part."""
+        if self._recomputing(part):
+            return recomputed(fn, module, *inputs)
+        return fn(*inputs)
 
     def _warm_start(
         self,
@@ -205,4 +296,15 @@ class FlowModel(nn.Module):
             )
 
 
-__all__ = ["UPSAMPLE", "EncodedPair", "FlowModel", "InputPadder", "convex_upsample", "pixel_grid"]
+__all__ = [
+    "RECOMPUTE_PARTS",
+    "UPSAMPLE",
+    "EncodedPair",
+    "FlowModel",
+    "InputPadder",
+    "convex_upsample",
+    "held_running_stats",
+    "pixel_grid",
+    "recompute_parts",
+    "recomputed",
+]

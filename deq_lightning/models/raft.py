@@ -44,6 +44,7 @@ from deq_lightning.models.flow_layers import (
     FlowModel,
     convex_upsample,
     pixel_grid,
+    recompute_parts,
 )
 
 BUILDERS = {"small": raft_small, "large": raft_large}
@@ -73,7 +74,8 @@ class RAFTFlow(FlowModel):
     side (use 3 levels for 64-px crops). ``n_states`` is DEQ-Flow's number of supervised solver
     states: it is accepted so that experiments written for DEQ-Flow (``experiment=flow_tiny``
     sets ``model.n_states``) compose with ``model=raft_*``, and it is ignored: RAFT supervises
-    every one of its ``num_iters`` iterations.
+    every one of its ``num_iters`` iterations. ``recompute`` (``encoders``, ``update``) runs
+    those parts again in backward instead of storing their activations, as DEQ-Flow's does.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class RAFTFlow(FlowModel):
         corr_radius: int | None = None,
         pixel_max: float = 255.0,
         n_states: int | None = None,
+        recompute: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if size not in BUILDERS:
@@ -103,6 +106,7 @@ class RAFTFlow(FlowModel):
         self.num_iters, self.eval_iters = num_iters, eval_iters
         self.pixel_max = float(pixel_max)
         self.bn_frozen = False
+        self.recompute = recompute_parts(recompute)
 
         # torchvision's builder with the pyramid overridden: it sizes the motion encoder's input
         # from the corr block it is given. Only the modules are kept; forward drives them.
@@ -133,11 +137,15 @@ class RAFTFlow(FlowModel):
         hidden, flow = self._initial_state(hidden, flow_init, state_init)
 
         n_iters = self.num_iters if self.training else self.eval_iters
+
+        def update(hidden: Tensor, flow: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+            corr_features = corr.index_pyramid(grid + flow)
+            return self.update_block(hidden, context, corr_features, flow)
+
         flow_preds = []
         for i in range(n_iters):
             flow = flow.detach()  # RAFT: no gradient through the lookup coordinates
-            corr_features = corr.index_pyramid(grid + flow)
-            hidden, delta = self.update_block(hidden, context, corr_features, flow)
+            hidden, delta = self._run("update", self.update_block, update, hidden, flow, context)
             flow = flow + delta
             if self.training or i == n_iters - 1:
                 flow_preds.append(padder.unpad(self._upsample(flow, hidden)))
