@@ -685,9 +685,20 @@ ANALYSIS = """\
   recipe supervises 6 states (`model.n_states=6`) with a 1-step phantom gradient each, so 6
   update-block graphs are kept against RAFT's 12; the Things recipe keeps 2 states x 3 phantom
   steps with `all_grad`, again 6, at DEQ-Flow-H's double width. So the measured ratio is about
-  encoders + 6 updates against encoders + 12 updates. What would close it: fewer supervised
-  states or phantom steps (n_states=1, steps=1 stores one update graph), and encoders that
-  run once without storing full-resolution activations (they are the same on both sides).
+  encoders + 6 updates against encoders + 12 updates.
+* The `recomputing` rows (`model.recompute=[encoders,update]`): the encoders and every
+  gradient-carrying update step run again in backward instead of being stored, and the feature
+  encoder is re-run one frame at a time. The DEQ then keeps the correlation pyramid, the
+  supervised states and the upsampling masks (`(top level)`, `mask_predictor.*`); the rest of
+  its peak is backward's working memory, the encoders' re-run included. Against RAFT as
+  released (it stores every
+  iteration) that is the thesis's 4-6x: 4.79x less peak memory for DEQ-Flow-B, 4.07x for
+  DEQ-Flow-H (13.4M parameters against RAFT's 5.3M), for 17% and 11% more step time here (CPU,
+  one thread, the load rising from 1 to 3 during the run). RAFT given the same recomputation
+  needs the same peak (the `both recomputing` row, 1.00x): recomputation is not specific to the
+  DEQ. What is: RAFT must recompute each of its iterations to get there, and its stored states
+  still grow with them (198 MiB saved against the DEQ's 133 MiB), where the DEQ stores its
+  supervised states whatever the solver's iteration count.
 * Broyden (MDEQ's forward and every implicit backward here) keeps two state-sized vectors per
   step taken; with the budget capped, the thesis's 27-30 steps would add that many more to the
   DEQ's peak (still independent of depth).
