@@ -101,13 +101,13 @@ def recompute_parts(parts: Sequence[str] | None) -> frozenset[str]:
 
 @contextmanager
 def held_running_stats(module: nn.Module) -> Iterator[None]:
-    """Batch norm in ``module`` normalises with the batch's statistics but leaves its running
-    statistics and batch count as they were: a forward run again in backward must not count
-    its batch twice."""
+    """Normalisation layers in ``module`` that keep running statistics (batch norm, instance
+    norm with ``track_running_stats``) normalise as usual but leave those statistics and their
+    batch count as they were: a forward run again in backward must not count its batch twice."""
     norms = [
         m
         for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
     ]
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
@@ -118,6 +118,16 @@ def held_running_stats(module: nn.Module) -> Iterator[None]:
         for m, (momentum, count) in zip(norms, saved, strict=True):
             m.momentum = momentum
             m.num_batches_tracked.copy_(count)
+
+
+def _per_sample(module: nn.Module) -> bool:
+    """Whether ``module`` treats each sample on its own: no batch norm (it mixes the samples)
+    and no running statistics (they count the batches)."""
+    return not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        or (isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats)
+        for m in module.modules()
+    )
 
 
 def recomputed(fn: Callable[..., Any], module: nn.Module, *inputs: Any) -> Any:
@@ -225,12 +235,10 @@ class FlowModel(nn.Module):
 
     def _features(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
         """Both frames' correlation features: one batch, or one frame at a time when recomputed
-        and free of batch norm (instance norm keeps frames independent, so the result is the
-        same and backward holds one frame's activations at a time, not two)."""
+        and no layer mixes the frames (batch norm) or counts them (running statistics): then
+        the result is the same and backward holds one frame's activations at a time, not two."""
         encoder = self.feature_encoder
-        if self._recomputing("encoders") and not any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in encoder.modules()
-        ):
+        if self._recomputing("encoders") and _per_sample(encoder):
             return recomputed(encoder, encoder, x1), recomputed(encoder, encoder, x2)
         return self._run("encoders", encoder, encoder, torch.cat([x1, x2])).chunk(2)
 
