@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
@@ -306,7 +307,8 @@ def build_model(model: dict, solver: dict | None, backward: dict | None) -> nn.M
 class DEQSchedule:
     """When and how the DEQ runs during training (the thesis's flag in brackets)."""
 
-    pretrain_steps: int = 0  # steps of shallow unrolled pre-training [pretrain_steps]
+    pretrain_steps: float = 0  # shallow unrolled pre-training: steps, or a fraction < 1 of the run
+    # [pretrain_steps]
     pretrain_unroll: int = 2  # f applications while pre-training [n_layer / NUM_LAYERS]
     jac_loss_weight: float = 0.0  # gamma of the Jacobian term [jac_loss_weight]
     jac_loss_freq: float = 0.0  # probability of a Jacobian step [jac_loss_freq]
@@ -337,6 +339,26 @@ class DEQSchedule:
             raise ValueError(f"task.jac_loss_freq is a probability, got {self.jac_loss_freq}")
         if self.pretrain_unroll < 1:
             raise ValueError(f"task.pretrain_unroll must be >= 1, got {self.pretrain_unroll}")
+
+    def resolved(self, total_steps: float) -> DEQSchedule:
+        """This schedule with its points given as fractions < 1 of the run (``pretrain_steps``,
+        ``residual_loss_start``) turned into step counts of a ``total_steps``-step run."""
+
+        def steps(value: float) -> float:
+            if not 0 < value < 1:
+                return value
+            if not math.isfinite(total_steps):
+                raise ValueError(
+                    f"a task schedule point of {value} is a fraction of the run, but this run has "
+                    "no set length: give it in steps, or set trainer.max_steps or max_epochs"
+                )
+            return round(value * total_steps)
+
+        return dataclasses.replace(
+            self,
+            pretrain_steps=steps(self.pretrain_steps),
+            residual_loss_start=steps(self.residual_loss_start),
+        )
 
     def jac_weight(self, step: int, epoch: int, pretraining: bool) -> float:
         if self.jac_stop_epoch is not None and epoch >= self.jac_stop_epoch:

@@ -123,7 +123,14 @@ class DEQTask(pl.LightningModule):
 
     @property
     def pretraining(self) -> bool:
-        return self.training and self.global_step < self.schedule.pretrain_steps
+        """Whether this step is shallow unrolled pre-training (a fraction < 1 of the run is
+        placed when fitting starts; outside a Trainer it means no pre-training)."""
+        steps = self.schedule.pretrain_steps
+        return self.training and not 0 < steps < 1 and self.global_step < steps
+
+    def on_fit_start(self) -> None:
+        # The schedule's fraction-of-run points become step counts once the run's length is known.
+        self.schedule = self.schedule.resolved(self.trainer.estimated_stepping_batches)
 
     def run_model(self, *args: Any, **kwargs: Any) -> ModelOutput:
         """Call the model under this step's DEQ settings; returns its :class:`ModelOutput`.
@@ -188,16 +195,13 @@ class DEQTask(pl.LightningModule):
 
     def _residual_on(self) -> bool:
         """Whether this training step adds the residual term: a weight is set, pre-training is
-        over and ``residual_loss_start`` (steps, or a fraction < 1 of the run) is reached."""
+        over and ``residual_loss_start`` is reached (a fraction < 1 of the run is placed when
+        fitting starts; outside a Trainer there is no run to place it in, so the term is off)."""
         s = self.schedule
         if s.residual_loss_weight <= 0 or self.pretraining:
             return False
         start = s.residual_loss_start
-        if 0 < start < 1:  # a fraction of the run: without a Trainer there is no run yet
-            if self._trainer is None:
-                return False
-            start *= self.trainer.estimated_stepping_batches
-        return self.global_step >= start
+        return not 0 < start < 1 and self.global_step >= start
 
     def _jac_weight_now(self) -> float:
         return self.schedule.jac_weight(self.global_step, self.current_epoch, self.pretraining)

@@ -157,3 +157,42 @@ def test_residual_term_outside_a_trainer():
         assert (stats.residual_loss is not None) is expected
         loss = task.add_deq_losses(torch.nn.functional.cross_entropy(_out, y), stats)
         loss.backward()
+
+
+def test_schedule_points_as_fractions_of_the_run_become_steps():
+    """task.pretrain_steps and task.residual_loss_start below 1 are fractions of the run; whole
+    numbers are steps and stay; a fraction of a run of no set length is an error that says so."""
+    from deq_lightning.config import DEQSchedule
+
+    s = DEQSchedule(pretrain_steps=0.25, residual_loss_start=0.5).resolved(400)
+    assert (s.pretrain_steps, s.residual_loss_start) == (100, 200)
+    s = DEQSchedule(pretrain_steps=30, residual_loss_start=1).resolved(400)
+    assert (s.pretrain_steps, s.residual_loss_start) == (30, 1)
+    assert DEQSchedule(pretrain_steps=0.5).resolved(7).pretrain_steps == 4
+    with pytest.raises(ValueError, match=r"no set length.*trainer\.max_steps"):
+        DEQSchedule(pretrain_steps=0.5).resolved(float("inf"))
+
+
+def test_pretraining_for_a_fraction_of_the_run(tmp_path):
+    """task.pretrain_steps=0.5 of a 6-step run unrolls f for the first 3 steps, then solves."""
+    task = task_for(gain=0.5, pretrain_steps=0.5, pretrain_unroll=2)
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append(module.pretraining)
+
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=6,
+        limit_val_batches=0,
+        callbacks=[Record()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(task, datamodule=DigitsDataModule(batch_size=32))
+    assert seen == [True, True, True, False, False, False]
+    # Outside a Trainer there is no run yet: no pre-training.
+    assert not task_for(gain=0.5, pretrain_steps=0.5).train().pretraining
