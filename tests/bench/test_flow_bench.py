@@ -30,16 +30,6 @@ def test_peer_takes_the_deq_levels_and_eval_budget_from_the_experiment(flow_benc
     assert int(overrides["model.eval_iters"]) == solver["eval_opts"]["max_iter"]
 
 
-def test_the_deq_beside_a_peer_pretrains_as_deep_as_its_training_solve(flow_bench):
-    """The matching DEQ unrolls f as often as the experiment's training solve iterates over the
-    first half of the run, then solves with the residual term: fractions, so any --train-steps."""
-    _, solver, _ = flow_bench.model_config("flow_tiny", "phantom")
-    overrides = dict(o.split("=", 1) for o in flow_bench.matching_training("flow_tiny"))
-    assert int(overrides["task.pretrain_unroll"]) == solver["max_iter"]
-    assert float(overrides["task.pretrain_steps"]) == 0.5
-    assert float(overrides["task.residual_loss_start"]) == 0.5
-
-
 class _Model:
     """A stand-in for deq_lightning.load's FlowEstimator: answers ``answer(pair)``."""
 
