@@ -223,6 +223,9 @@ ABLATIONS: dict[str, list[str]] = {
     "residual_0.6": ["task.residual_loss_weight=0.6", "task.residual_loss_start=0"],
     "residual_1": ["task.residual_loss_weight=1", "task.residual_loss_start=0"],
     "residual_1_late": ["task.residual_loss_weight=1", "task.residual_loss_start=0.5"],
+    # The thesis's shallow unrolled pre-training over the first half of the run, f applied as
+    # often as flow_tiny's training solve iterates (solver.max_iter: 6).
+    "pretrain_half": ["task.pretrain_steps=0.5", "task.pretrain_unroll=6"],
 }
 # --quick: the whole pipeline on a few batches (a smoke test, not a measurement).
 QUICK = [

@@ -21,19 +21,22 @@ def task_for(gain: float, **schedule) -> ClassificationTask:
     return ClassificationTask(num_classes=10, model=model, **schedule)
 
 
-def fit_and_test(task, tmp_path, monitor: EquilibriumMonitor) -> pl.Trainer:
-    trainer = pl.Trainer(
+def quiet_trainer(tmp_path, callback: pl.Callback, **limits) -> pl.Trainer:
+    """A Trainer without logger, checkpoints or progress output, watched by ``callback``."""
+    return pl.Trainer(
         default_root_dir=tmp_path,
-        max_epochs=2,
-        limit_train_batches=3,
-        limit_val_batches=2,
-        limit_test_batches=2,
-        callbacks=[monitor],
+        callbacks=[callback],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        **limits,
     )
+
+
+def fit_and_test(task, tmp_path, monitor: EquilibriumMonitor) -> pl.Trainer:
+    limits = dict(max_epochs=2, limit_train_batches=3, limit_val_batches=2, limit_test_batches=2)
+    trainer = quiet_trainer(tmp_path, monitor, **limits)
     dm = DigitsDataModule(batch_size=32)
     trainer.fit(task, datamodule=dm)
     trainer.fit_metrics = dict(trainer.callback_metrics)
@@ -115,6 +118,13 @@ def test_remedies_follow_the_config():
     assert line.startswith("val: 50.0% of samples at their fixed point (rel residual < 0.001")
 
 
+def fit_steps(task, tmp_path, steps: int, callback: pl.Callback) -> pl.Trainer:
+    """``steps`` training steps on digits without validation, watched by ``callback``."""
+    trainer = quiet_trainer(tmp_path, callback, max_steps=steps, limit_val_batches=0)
+    trainer.fit(task, datamodule=DigitsDataModule(batch_size=32))
+    return trainer
+
+
 @pytest.mark.parametrize("start", [0, 0.5])
 def test_residual_term_joins_the_loss_from_its_start(tmp_path, start):
     """task.residual_loss_weight adds the residual at the reached state to the training loss
@@ -128,17 +138,7 @@ def test_residual_term_joins_the_loss_from_its_start(tmp_path, start):
                 (trainer.global_step, "train/residual_loss_step" in trainer.callback_metrics)
             )
 
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=4,
-        limit_val_batches=0,
-        callbacks=[Record()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(task, datamodule=DigitsDataModule(batch_size=32))
+    trainer = fit_steps(task, tmp_path, 4, Record())
     # global_step counts finished optimizer steps: the batch at step s logs after it finishes.
     first_on = next(step for step, logged in seen if logged) - 1
     assert first_on == (0 if start == 0 else 2)
@@ -182,17 +182,7 @@ def test_pretraining_for_a_fraction_of_the_run(tmp_path):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             seen.append(module.pretraining)
 
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=6,
-        limit_val_batches=0,
-        callbacks=[Record()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(task, datamodule=DigitsDataModule(batch_size=32))
+    fit_steps(task, tmp_path, 6, Record())
     assert seen == [True, True, True, False, False, False]
     # Outside a Trainer there is no run yet: no pre-training.
     assert not task_for(gain=0.5, pretrain_steps=0.5).train().pretraining
