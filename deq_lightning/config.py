@@ -303,6 +303,12 @@ def build_model(model: dict, solver: dict | None, backward: dict | None) -> nn.M
     return hydra.utils.instantiate(cfg, _convert_="all")
 
 
+def is_run_fraction(value: float) -> bool:
+    """Whether a schedule point (a step count, or a fraction below 1 of the run) is a fraction:
+    it becomes a step only once the run's length is known."""
+    return 0 < value < 1
+
+
 @dataclasses.dataclass
 class DEQSchedule:
     """When and how the DEQ runs during training (the thesis's flag in brackets)."""
@@ -345,7 +351,7 @@ class DEQSchedule:
         ``residual_loss_start``) turned into step counts of a ``total_steps``-step run."""
 
         def steps(value: float) -> float:
-            if not 0 < value < 1:
+            if not is_run_fraction(value):
                 return value
             if not math.isfinite(total_steps):
                 raise ValueError(

@@ -25,7 +25,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MinMetric
 
-from deq_lightning.config import DEQSchedule, build_model, plain
+from deq_lightning.config import DEQSchedule, build_model, is_run_fraction, plain
 from deq_lightning.deq import DEQ, DEQStats, deq_override
 from deq_lightning.metrics.equilibrium import equilibrium_metrics
 from deq_lightning.models.contract import ModelOutput
@@ -126,7 +126,7 @@ class DEQTask(pl.LightningModule):
         """Whether this step is shallow unrolled pre-training (a fraction < 1 of the run is
         placed when fitting starts; outside a Trainer it means no pre-training)."""
         steps = self.schedule.pretrain_steps
-        return self.training and not 0 < steps < 1 and self.global_step < steps
+        return self.training and not is_run_fraction(steps) and self.global_step < steps
 
     def on_fit_start(self) -> None:
         # The schedule's fraction-of-run points become step counts once the run's length is known.
@@ -201,7 +201,7 @@ class DEQTask(pl.LightningModule):
         if s.residual_loss_weight <= 0 or self.pretraining:
             return False
         start = s.residual_loss_start
-        return not 0 < start < 1 and self.global_step >= start
+        return not is_run_fraction(start) and self.global_step >= start
 
     def _jac_weight_now(self) -> float:
         return self.schedule.jac_weight(self.global_step, self.current_epoch, self.pretraining)
@@ -569,7 +569,7 @@ def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, total: int) -> 
 
     name = cfg.get("name", "cosine")
     warmup = cfg.get("warmup", 0.0)
-    warmup_steps = int(warmup * total) if isinstance(warmup, float) and warmup < 1 else int(warmup)
+    warmup_steps = int(warmup * total) if is_run_fraction(warmup) else int(warmup)
     base_lr = optimizer.param_groups[0]["lr"]
     scheduler, _ = create_scheduler_v2(
         optimizer,
