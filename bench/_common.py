@@ -189,16 +189,18 @@ def _proc_status_kib(key: str) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def git_commit() -> str | None:
+def git_commit(root: Path = ROOT) -> str | None:
     """The commit the measured code is at (``None`` outside a git checkout), with ``+dirty`` when
-    tracked files differ from it: ``bench/readme.py`` marks figures older than their code by it."""
+    tracked files differ from it: ``bench/readme.py`` marks figures older than their code by it.
+    Files under ``reports/`` do not count: they are what benchmarks write, so seeds run side by
+    side would otherwise mark each other dirty."""
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!reports"],
+            cwd=root,
             capture_output=True,
             text=True,
             check=True,
