@@ -33,7 +33,7 @@ Side by side with RAFT, trained (``--peer``) and ablated (``--ablate``)::
 ``--peer`` trains ``experiment=flow_tiny``'s DEQ-Flow, and for each peer (torchvision's RAFT,
 ``model=raft_small`` / ``raft_large``, randomly initialised, RAFT's sequence loss over its
 iterations, the DEQ's correlation levels, RAFT's own 12 training iterations and the DEQ's
-evaluation budget) the DEQ-Flow of its size (``MATCHING_DEQ``: ``deq_flow_small`` beside
+evaluation budget) the DEQ-Flow of its size (``MATCHING_DEQ``: ``deq_flow_tiny_wide`` beside
 RAFT-small, ``deq_flow_B`` beside RAFT-large) and the peer itself, each through ``train.py`` in a
 fresh process, on the same DataModule, crops, augmentation, batches (``task.train_seed``; checked
 with ``train/data_checksum``), steps, optimizer, schedule and seed. ``--train-steps`` shortens
@@ -269,15 +269,17 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-# The DEQ-Flow of each peer's size, trained beside it (--peer): RAFT-small's encoders, widths and
-# pyramid radius as a DEQ (conf/model/deq_flow_small.yaml); RAFT-large's update operator is
-# DEQ-Flow-B's (the thesis's comparison). Both take the residual term over the second half of the
+# The DEQ-Flow of each peer's size, trained beside it (--peer): beside RAFT-small, flow_tiny's
+# DEQ with an update block as wide as RAFT-small's (SIZES["tiny_wide"], 0.94M parameters against
+# RAFT-small's 0.99M; until 6f8ce58 it was RAFT-small's blocks as a DEQ, model=deq_flow_small,
+# 1.08M: reports/flow/small_peer/); RAFT-large's update operator is DEQ-Flow-B's (the thesis's
+# comparison). Both take the residual term over the second half of the
 # run, as flow_tiny's full schedule does (from step 1500 of 3000), which a short schedule would
 # otherwise never reach, and deq-flow's undamped phantom step (its default --tau 1.0). The
 # experiment's own DEQ (the `deq_flow` row) keeps its settings.
 MATCHING_TRAINING = ["task.residual_loss_start=0.5", "backward.tau=1.0"]
 MATCHING_DEQ: dict[str, tuple[str, list[str]]] = {
-    "raft_small": ("deq_flow_small", ["model=deq_flow_small", *MATCHING_TRAINING]),
+    "raft_small": ("deq_flow_tiny_wide", ["model.size=tiny_wide", *MATCHING_TRAINING]),
     "raft_large": ("deq_flow_B", ["model.size=B", *MATCHING_TRAINING]),
 }
 

@@ -128,28 +128,29 @@ def test_peer_quick_trains_both_sides_on_the_same_pairs_and_reports(tmp_path, ru
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((out / "results.json").read_text())
-    deq, small, raft = result["rows"]
-    assert (deq["name"], small["name"], raft["name"]) == (
+    deq, wide, raft = result["rows"]
+    assert (deq["name"], wide["name"], raft["name"]) == (
         "deq_flow",
-        "deq_flow_small",
+        "deq_flow_tiny_wide",
         "raft_small",
     )
     assert result["same_training_pairs"] is True  # checksums of the training flows agree
     assert deq["data_checksum"] > 0
-    # The DEQ of RAFT-small's size: within 10% of its parameters (the DEQ adds the convex mask).
-    assert {"model=deq_flow_small", "backward.tau=1.0"} <= set(small["overrides"])
-    assert 1.0 < small["params"] / raft["params"] < 1.1 and small["params"] > 1.3 * deq["params"]
+    # The DEQ of RAFT-small's size: within 10% of its parameters, wider than the default's.
+    assert {"model.size=tiny_wide", "backward.tau=1.0"} <= set(wide["overrides"])
+    assert 0.9 < wide["params"] / raft["params"] < 1.0 and wide["params"] > 1.2 * deq["params"]
     # Each DEQ re-scored at four solver budgets; the evaluation budget reproduces its test/epe.
     eval_iter = flow_bench.model_config("flow_tiny", "phantom")[1]["eval_opts"]["max_iter"]
-    for row in (deq, small):
+    for row in (deq, wide):
         budgets = {b["max_iter"]: b["test/epe"] for b in row["eval_budgets"]}
         assert len(budgets) == 4
         assert budgets[eval_iter] == pytest.approx(row["test/epe"], rel=1e-4)
     assert (
         "eval_budgets" not in raft
-        and "deq_flow_small` test EPE / zero at solver budgets" in (out / "report.md").read_text()
+        and "deq_flow_tiny_wide` test EPE / zero at solver budgets"
+        in (out / "report.md").read_text()
     )
-    for row in (deq, small, raft):
+    for row in (deq, wide, raft):
         assert row["test/epe"] > 0 and row["test/epe_zero"] > 0 and row["cpu_s"] > 0
         assert row["step_peak_mib"] > 0 and row["params"] > 0
         assert row["test/epe_vs_zero"] == pytest.approx(row["test/epe"] / row["test/epe_zero"])
