@@ -261,7 +261,8 @@ def render_flow_seeds(*runs: dict) -> list[str]:
 def render_flow_peer_seeds(*runs: dict) -> list[str]:
     """``bench/flow.py --peer`` (or ``--ablate``) at several seeds: DEQ-Flow against each peer
     (or variant) per seed and on average, since a single seed's 400-step ranking can be the
-    seed's."""
+    seed's; how many seeds each side is at or below the last column's (the peer), and the
+    seeds' means of what else the runs measured (real photographs, convergence, costs)."""
     names = [r["name"] for r in runs[0]["rows"]]
     per_seed, scores = [], {n: [] for n in names}
     for run in runs:
@@ -284,12 +285,65 @@ def render_flow_peer_seeds(*runs: dict) -> list[str]:
             "",
         ]
     )
+    last = scores[names[-1]]
+    per_seed.append(
+        [
+            f"seeds at or below `{names[-1]}`",
+            *(
+                f"{sum(t <= lt for (t, _), (lt, _) in zip(scores[n], last))} / "
+                f"{sum(v <= lv for (_, v), (_, lv) in zip(scores[n], last))} of {len(runs)}"
+                for n in names[:-1]
+            ),
+            "",
+            "",
+        ]
+    )
     return [
         f"`bench/flow.py --{'peer' if runs[0].get('kind', 'peer') == 'peer' else 'ablate'}` at"
         f" {len(runs)} seeds ({runs[0]['train_steps']} steps each; the"
         " seed sets model initialisation and training pairs, the evaluation pairs stay the same):",
         "",
         *table(["seed", *(f"`{n}` test / val EPE / zero" for n in names), "command"], per_seed),
+        *seed_means(runs, names),
+    ]
+
+
+def seed_means(runs: Sequence[dict], names: Sequence[str]) -> list[str]:
+    """Per side, the mean over the seeds of the real-photograph EPE over the zero flow's (each
+    scale), the converged fraction of test solves (range), CPU seconds and training-step peak
+    memory: only the columns every run measured."""
+    rows = [next(r for r in run["rows"] if r["name"] == n) for run in runs for n in names]
+    by_name = {n: [r for r in rows if r["name"] == n] for n in names}
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    headers, columns = ["side"], []
+    scales = [x["scale"] for x in rows[0].get("real", [])]
+    if scales and all([x["scale"] for x in r.get("real", [])] == scales for r in rows):
+        for i, scale in enumerate(scales):
+            headers.append(f"Motorcycle x{scale:g}: EPE / zero")
+            columns.append(
+                lambda rs, i=i: f"{mean([r['real'][i]['real_epe_vs_zero'] for r in rs]):.3f}"
+            )
+    if all("converged_fraction" in r for r in rows):
+        headers.append("converged (test, range)")
+
+        def converged(rs: list[dict]) -> str:
+            xs = [r["converged_fraction"] for r in rs]
+            if None in xs:
+                return "n/a"
+            return pct(xs[0]) if min(xs) == max(xs) else f"{min(xs):.0%}-{max(xs):.0%}"
+
+        columns.append(converged)
+    for key, label, fmt in (("cpu_s", "CPU s", ".0f"), ("step_peak_mib", "step peak MiB", ".1f")):
+        if all(key in r for r in rows):
+            headers.append(label)
+            columns.append(lambda rs, k=key, f=fmt: format(mean([r[k] for r in rs]), f))
+    if not columns:
+        return []
+    return [
+        "",
+        f"Means over the {len(runs)} seeds:",
+        "",
+        *table(headers, [[f"`{n}`", *(c(by_name[n]) for c in columns)] for n in names]),
     ]
 
 
@@ -641,6 +695,13 @@ def run_command(repro: dict, key: str) -> str:
     return f" ({code(record['command'])})" if record else ""
 
 
+def seed_files(path: str, seeds: int) -> tuple[str, ...]:
+    """A multi-seed benchmark's files for seeds 0..seeds-1: seed N > 0 adds ``_seed<N>`` before
+    the extension (bench/flow.py's naming)."""
+    stem, suffix = path.rsplit(".", 1)
+    return tuple(f"{stem}{'' if n == 0 else f'_seed{n}'}.{suffix}" for n in range(seeds))
+
+
 BLOCKS: dict[str, Block] = {
     "defaults": Block(
         (
@@ -656,15 +717,17 @@ BLOCKS: dict[str, Block] = {
         ("reports/flow/results.json",), (*TRAINING_CODE, "bench/flow.py"), render_flow_peer
     ),
     "flow-peer-seeds": Block(
-        tuple(f"reports/flow/results{s}.json" for s in ("", "_seed1", "_seed2", "_seed3")),
+        seed_files("reports/flow/results.json", 10),
+        (*TRAINING_CODE, "bench/flow.py"),
+        render_flow_peer_seeds,
+    ),
+    "flow-small-peer": Block(
+        seed_files("reports/flow/small_peer/results.json", 4),
         (*TRAINING_CODE, "bench/flow.py"),
         render_flow_peer_seeds,
     ),
     "flow-update-width": Block(
-        tuple(
-            f"reports/flow/update_width/ablation{s}.json"
-            for s in ("", "_seed1", "_seed2", "_seed3")
-        ),
+        seed_files("reports/flow/update_width/ablation.json", 4),
         (*TRAINING_CODE, "bench/flow.py"),
         render_flow_peer_seeds,
     ),

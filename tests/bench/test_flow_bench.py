@@ -116,6 +116,28 @@ def test_the_readme_peer_seeds_block_shows_each_seed_and_the_mean(monkeypatch):
     assert "| 0 | 0.800 / 0.700 | 0.700 / 0.500 | `python bench/flow.py" in text
     assert "| 3 | 0.900 / 0.900 | 0.800 / 0.600 |" in text
     assert "| mean | 0.850 / 0.800 | 0.750 / 0.550 |  |" in text
+    # Seed 0: behind on both; seed 3: behind on test, level on validation.
+    assert "| seeds at or below `raft_small` | 0 / 0 of 2 |  |  |" in text
+    assert "Means over" not in text  # these rows measured nothing else
+
+    def costed(seed: int, deq: tuple[float, float], raft: tuple[float, float]) -> dict:
+        out = run(seed, deq, raft)
+        for row, cpu, real in zip(out["rows"], (10.0, 20.0), (0.4, 0.6)):
+            row.update(cpu_s=cpu + seed, step_peak_mib=50.0, converged_fraction=seed / 4,
+                       real=[{"scale": 0.25, "real_epe_vs_zero": real + seed / 10}])  # fmt: skip
+        out["rows"][1]["converged_fraction"] = None  # RAFT has no fixed point
+        return out
+
+    text = "\n".join(
+        readme.render_flow_peer_seeds(
+            costed(0, (0.6, 0.5), (0.7, 0.5)), costed(3, (0.9, 0.5), (0.8, 0.6))
+        )
+    )
+    assert "| seeds at or below `raft_small` | 1 / 2 of 2 |  |  |" in text
+    assert "Means over the 2 seeds:" in text
+    assert "| side | Motorcycle x0.25: EPE / zero | converged (test, range) | CPU s |" in text
+    assert "| `deq_flow` | 0.550 | 0%-75% | 12 | 50.0 |" in text
+    assert "| `raft_small` | 0.750 | n/a | 22 | 50.0 |" in text
 
 
 @pytest.mark.slow
