@@ -107,17 +107,22 @@ def test_the_readme_peer_seeds_block_shows_each_seed_and_the_mean(monkeypatch):
         return {"command": f"python bench/flow.py --peer raft_small --seed {seed}",
                 "train_steps": 400, "rows": rows}  # fmt: skip
 
-    text = "\n".join(
-        readme.render_flow_peer_seeds(
-            run(0, (0.8, 0.7), (0.7, 0.5)), run(3, (0.9, 0.9), (0.8, 0.6))
-        )
+    def render(*runs: dict) -> str:
+        return "\n".join(readme.render_flow_peer_seeds(*runs))
+
+    def missing(text: str, *lines: str) -> list[str]:
+        return [line for line in lines if line not in text]
+
+    text = render(run(0, (0.8, 0.7), (0.7, 0.5)), run(3, (0.9, 0.9), (0.8, 0.6)))
+    assert not missing(
+        text,
+        "at 2 seeds (400 steps each",
+        "| 0 | 0.800 / 0.700 | 0.700 / 0.500 | `python bench/flow.py",
+        "| 3 | 0.900 / 0.900 | 0.800 / 0.600 |",
+        "| mean | 0.850 / 0.800 | 0.750 / 0.550 |  |",
+        # Behind RAFT-small on both at both seeds.
+        "| seeds at or below `raft_small` | 0 / 0 of 2 |  |  |",
     )
-    assert "at 2 seeds (400 steps each" in text
-    assert "| 0 | 0.800 / 0.700 | 0.700 / 0.500 | `python bench/flow.py" in text
-    assert "| 3 | 0.900 / 0.900 | 0.800 / 0.600 |" in text
-    assert "| mean | 0.850 / 0.800 | 0.750 / 0.550 |  |" in text
-    # Seed 0: behind on both; seed 3: behind on test, level on validation.
-    assert "| seeds at or below `raft_small` | 0 / 0 of 2 |  |  |" in text
     assert "Means over" not in text  # these rows measured nothing else
 
     def costed(seed: int, deq: tuple[float, float], raft: tuple[float, float]) -> dict:
@@ -128,16 +133,16 @@ def test_the_readme_peer_seeds_block_shows_each_seed_and_the_mean(monkeypatch):
         out["rows"][1]["converged_fraction"] = None  # RAFT has no fixed point
         return out
 
-    text = "\n".join(
-        readme.render_flow_peer_seeds(
-            costed(0, (0.6, 0.5), (0.7, 0.5)), costed(3, (0.9, 0.5), (0.8, 0.6))
-        )
+    # Seed 0: ahead on test, level on validation; seed 3: behind on test, ahead on validation.
+    text = render(costed(0, (0.6, 0.5), (0.7, 0.5)), costed(3, (0.9, 0.5), (0.8, 0.6)))
+    assert not missing(
+        text,
+        "| seeds at or below `raft_small` | 1 / 2 of 2 |  |  |",
+        "Means over the 2 seeds:",
+        "| side | Motorcycle x0.25: EPE / zero | converged (test, range) | CPU s |",
+        "| `deq_flow` | 0.550 | 0%-75% | 12 | 50.0 |",
+        "| `raft_small` | 0.750 | n/a | 22 | 50.0 |",
     )
-    assert "| seeds at or below `raft_small` | 1 / 2 of 2 |  |  |" in text
-    assert "Means over the 2 seeds:" in text
-    assert "| side | Motorcycle x0.25: EPE / zero | converged (test, range) | CPU s |" in text
-    assert "| `deq_flow` | 0.550 | 0%-75% | 12 | 50.0 |" in text
-    assert "| `raft_small` | 0.750 | n/a | 22 | 50.0 |" in text
 
 
 @pytest.mark.slow
