@@ -393,19 +393,27 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def side_overrides(
+    args: argparse.Namespace, peers: Sequence[str], ablations: Sequence[str]
+) -> dict[str, list[str]]:
+    """Each side's name and train.py overrides: the experiment's DEQ (``deq_flow``), each peer
+    after the DEQ of its size, then each ablation (``deq_flow+<name>``)."""
+    base = base_overrides(args)
+    sides = {"deq_flow": base}
+    for peer in peers:
+        name, overrides = MATCHING_DEQ[peer]
+        sides[name] = [*base, *overrides]
+        sides[peer] = [*base, *peer_overrides(peer, args.experiment)]
+    sides.update({f"deq_flow+{k}": [*base, *ABLATIONS[k]] for k in ablations})
+    return sides
+
+
 def run_sides(args: argparse.Namespace) -> None:
     """--peer / --ablate: train every side; after each, write results.json, report.md and the
     plot with the sides trained so far (``"complete": false`` until the last), so that a crash
     or a kill in a later side loses nothing already measured."""
     load0 = os.getloadavg()
-    base = base_overrides(args)
-    sides = {"deq_flow": base}
-    for peer in args.peer or []:
-        name, overrides = MATCHING_DEQ[peer]
-        sides[name] = [*base, *overrides]
-        sides[peer] = [*base, *peer_overrides(peer, args.experiment)]
-    if args.ablate:
-        sides.update({f"deq_flow+{k}": [*base, *ABLATIONS[k]] for k in args.ablate})
+    sides = side_overrides(args, args.peer or [], args.ablate or [])
     kind = "ablation" if args.ablate and not args.peer else "peer"
     cmd = f"OMP_NUM_THREADS={args.threads} python bench/flow.py {' '.join(sys.argv[1:])}".strip()
     commit = git_commit()  # per row: rows kept from earlier runs keep their own
@@ -457,14 +465,31 @@ def write_sides(
 
 def kept_rows(path: Path, rows: list[dict], args: argparse.Namespace) -> list[dict]:
     """Rows of an earlier call with the same schedule whose sides were not run now (so that
-    ``--ablate a`` then ``--ablate b`` report a and b side by side); each row keeps its command."""
+    ``--ablate a`` then ``--ablate b`` report a and b side by side); each row keeps its command.
+    A row is kept only while this script would still train that side with the same overrides:
+    one whose recipe changed since (an edited ``ABLATIONS`` entry, another ``MATCHING_DEQ``) is
+    dropped, not set beside the new rows as if it were current."""
     if not path.is_file():
         return []
     old = json.loads(path.read_text())
     if (old["train_steps"], old["quick"]) != (args.train_steps, args.quick):
         return []
     names = {r["name"] for r in rows}
-    return [{"command": old["command"], **r} for r in old["rows"] if r["name"] not in names]
+    current = side_overrides(args, list(MATCHING_DEQ), list(ABLATIONS))
+    kept, stale = [], []
+    for r in old["rows"]:
+        if r["name"] in names:
+            continue
+        same = current.get(r["name"]) == r["overrides"]
+        (kept if same else stale).append({"command": old["command"], **r})
+    if stale:
+        print(
+            f"[flow] {path}: dropped rows whose recipe changed since they were measured: "
+            f"{', '.join(r['name'] for r in stale)}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return kept
 
 
 def write_side_report(result: dict, path: Path, png_name: str) -> None:

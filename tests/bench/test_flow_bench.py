@@ -1,5 +1,6 @@
 """bench/flow.py --peer: DEQ-Flow and RAFT trained side by side on the same pairs, reported."""
 
+import argparse
 import importlib.util
 import json
 import subprocess
@@ -28,6 +29,32 @@ def test_peer_takes_the_deq_levels_and_eval_budget_from_the_experiment(flow_benc
     assert int(overrides["model.corr_levels"]) == model["corr_levels"]
     assert "model.num_iters" not in overrides  # RAFT trains with its own 12 iterations
     assert int(overrides["model.eval_iters"]) == solver["eval_opts"]["max_iter"]
+
+
+def test_rows_of_an_earlier_call_are_kept_only_while_their_recipe_is_current(
+    tmp_path, flow_bench, capsys
+):
+    args = argparse.Namespace(
+        experiment="flow_tiny", seed=3, quick=False, train_steps=400, val_points=8
+    )
+    now = flow_bench.side_overrides(args, ["raft_small"], ["hidden_96", "zero_init"])
+    matching = flow_bench.MATCHING_DEQ["raft_small"][0]
+    old_rows = [
+        {"name": "deq_flow+hidden_96", "overrides": now["deq_flow+hidden_96"]},  # current
+        {"name": "deq_flow+zero_init", "overrides": [*now["deq_flow"], "model.hidden_init=x"]},
+        {"name": "deq_flow_small", "overrides": [*now["deq_flow"], "model=deq_flow_small"]},
+        {"name": "raft_small", "overrides": now["raft_small"]},  # current, but run again now
+    ]
+    path = tmp_path / "results_seed3.json"
+    doc = {"command": "earlier", "train_steps": 400, "quick": False, "rows": old_rows}
+    path.write_text(json.dumps(doc))
+    rows = [{"name": "deq_flow"}, {"name": matching}, {"name": "raft_small"}]
+    kept = flow_bench.kept_rows(path, rows, args)
+    assert [(r["name"], r["command"]) for r in kept] == [("deq_flow+hidden_96", "earlier")]
+    assert "dropped rows whose recipe changed" in capsys.readouterr().err
+    # Another schedule: nothing of the earlier call is comparable.
+    path.write_text(json.dumps({**doc, "train_steps": 200}))
+    assert flow_bench.kept_rows(path, rows, args) == []
 
 
 class _Model:
@@ -201,7 +228,7 @@ def test_peer_quick_trains_both_sides_on_the_same_pairs_and_reports(tmp_path, ru
     assert result["complete"] is True and "Incomplete" not in report
     # After each side the results are written as they stand: a kill in the second side keeps
     # the first, marked incomplete.
-    args = flow_bench.argparse.Namespace(
+    args = argparse.Namespace(
         out=tmp_path / "partial",
         train_steps=None,
         quick=True,
