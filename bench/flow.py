@@ -271,7 +271,7 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 
 # The DEQ-Flow of each peer's size, trained beside it (--peer): beside RAFT-small, flow_tiny's
 # DEQ with an update block as wide as RAFT-small's (SIZES["tiny_wide"], 0.94M parameters against
-# RAFT-small's 0.99M; until 6f8ce58 it was RAFT-small's blocks as a DEQ, model=deq_flow_small,
+# RAFT-small's 0.99M; before 8692efd it was RAFT-small's blocks as a DEQ, model=deq_flow_small,
 # 1.08M: reports/flow/small_peer/); RAFT-large's update operator is DEQ-Flow-B's (the thesis's
 # comparison). Both take the residual term over the second half of the
 # run, as flow_tiny's full schedule does (from step 1500 of 3000), which a short schedule would

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -274,12 +275,11 @@ def render_flow_peer_seeds(*runs: dict) -> list[str]:
             scores[n].append((t, v))
             cells.append(f"{t:.3f} / {v:.3f}")
         per_seed.append([seed.removeprefix("seed="), *cells, code(run["command"])])
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     per_seed.append(
         [
             "mean",
             *(
-                f"{mean([t for t, _ in scores[n]]):.3f} / {mean([v for _, v in scores[n]]):.3f}"
+                f"{fmean([t for t, _ in scores[n]]):.3f} / {fmean([v for _, v in scores[n]]):.3f}"
                 for n in names
             ),
             "",
@@ -312,16 +312,15 @@ def seed_means(runs: Sequence[dict], names: Sequence[str]) -> list[str]:
     """Per side, the mean over the seeds of the real-photograph EPE over the zero flow's (each
     scale), the converged fraction of test solves (range), CPU seconds and training-step peak
     memory: only the columns every run measured."""
-    rows = [next(r for r in run["rows"] if r["name"] == n) for run in runs for n in names]
-    by_name = {n: [r for r in rows if r["name"] == n] for n in names}
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    by_name = {n: [next(r for r in run["rows"] if r["name"] == n) for run in runs] for n in names}
+    rows = [r for side in by_name.values() for r in side]
     headers, columns = ["side"], []
     scales = [x["scale"] for x in rows[0].get("real", [])]
     if scales and all([x["scale"] for x in r.get("real", [])] == scales for r in rows):
         for i, scale in enumerate(scales):
             headers.append(f"Motorcycle x{scale:g}: EPE / zero")
             columns.append(
-                lambda rs, i=i: f"{mean([r['real'][i]['real_epe_vs_zero'] for r in rs]):.3f}"
+                lambda rs, i=i: f"{fmean([r['real'][i]['real_epe_vs_zero'] for r in rs]):.3f}"
             )
     if all("converged_fraction" in r for r in rows):
         headers.append("converged (test, range)")
@@ -336,7 +335,7 @@ def seed_means(runs: Sequence[dict], names: Sequence[str]) -> list[str]:
     for key, label, fmt in (("cpu_s", "CPU s", ".0f"), ("step_peak_mib", "step peak MiB", ".1f")):
         if all(key in r for r in rows):
             headers.append(label)
-            columns.append(lambda rs, k=key, f=fmt: format(mean([r[k] for r in rs]), f))
+            columns.append(lambda rs, k=key, f=fmt: format(fmean([r[k] for r in rs]), f))
     if not columns:
         return []
     return [
